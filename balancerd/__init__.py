@@ -1,0 +1,1 @@
+"""balancerd: the expert-load balancing sidecar (numpy only; never imports torch)."""
