@@ -87,7 +87,7 @@ def runtime_dir(create: bool = True) -> Path:
 
 
 def _check_job(job: str) -> str:
-    if not _JOB_RE.match(job):
+    if not _JOB_RE.fullmatch(job):
         raise ValueError(f"job id {job!r} must be 1-32 characters of letters, digits, '_', '.', '-'")
     return job
 
@@ -117,7 +117,7 @@ def discover(directory: Path) -> list[tuple[str, str, int, Path]]:
     except FileNotFoundError:
         return []
     for name in names:
-        m = _NAME_RE.match(name)
+        m = _NAME_RE.fullmatch(name)
         if m is None:
             continue
         if m["ctl"]:
@@ -295,13 +295,13 @@ class TelemetryReader:
             rec = None
             for _ in range(3):
                 rec = self._seg.read(seq, seq % cap)
-                if rec is not None or self._seg.head - seq > cap:
+                if rec is not None or self._seg.started - seq > cap:
                     break
             self._next += 1
             if rec is not None:
                 out.append(self._decode(rec[0], seq))
                 self.stats.accepted += 1
-            elif self._seg.head - seq > cap:
+            elif self._seg.started - seq > cap:  # the writer has begun overwriting it
                 self.stats.dropped += 1
             else:
                 self.stats.invalid += 1
@@ -328,19 +328,27 @@ class TelemetryReader:
 
 
 def _read_latest(seg: Segment) -> tuple[np.ndarray | None, int]:
-    """Newest validating record of a two-record block, and how many copies failed validation."""
+    """Newest validating record of a two-record block, and how many copies failed validation.
+
+    A copy that fails while the writer rewrites it is expected and not counted; one that fails in a pass
+    during which no write began is corrupt and counted. A pass that found only a copy older than the
+    newest complete one was lapped (the writer rewrote the copy read first, then began on the other);
+    returning it would let versions go backwards, so the pass is retried.
+    """
     for _ in range(4):
+        head = seg.head
+        if head == 0:
+            return None, 0
         best, failed = None, 0
         for i in range(seg.info.capacity):
             rec = seg.read(None, i)
             if rec is None:
-                failed += 1
+                failed += i < head  # a slot never written is not a failure
             elif best is None or int(rec["seq"][0]) > int(best["seq"][0]):
                 best = rec
-        if best is not None:
-            return best, 0
-        if seg.head == 0:
-            return None, 0
+        quiet = seg.started == head
+        if best is not None and (quiet or int(best["seq"][0]) + 1 >= head):
+            return best, failed if quiet else 0
     return None, 1
 
 
@@ -427,6 +435,8 @@ class ControlReader:
     def __init__(self, segment: Segment):
         self._seg = segment
         self.invalid = 0
+        self._seen_head = -1
+        self._cached: ControlPlan | None = None
 
     @classmethod
     def open(cls, path: Path, layers: int, experts: int, slots: int) -> ControlReader:
@@ -446,7 +456,13 @@ class ControlReader:
         return self._seg.replaced()
 
     def read(self) -> ControlPlan | None:
-        """The newest plan that validates; None when there is none (or both copies are being rewritten)."""
+        """The newest plan that validates; None when there is none (or both copies are being rewritten).
+
+        Cheap when nothing changed: the plan is only copied and checked again once the head moved.
+        """
+        head = self._seg.head
+        if head == self._seen_head:
+            return self._cached
         rec, failed = _read_latest(self._seg)
         self.invalid += failed
         if rec is None:
@@ -456,13 +472,16 @@ class ControlReader:
             policy, mode = Policy(int(r["policy"])), Mode(int(r["mode"]))
         except ValueError:
             self.invalid += 1
+            self._seen_head, self._cached = head, None
             return None
-        return ControlPlan(
+        self._seen_head = head
+        self._cached = ControlPlan(
             version=int(r["version"]), generation=int(r["generation"]), phys_to_log=r["phys_to_log"],
             policy=policy, mode=mode, selection_bias=r["selection_bias"],
             max_reroute_fraction=float(r["max_reroute_fraction"]),
             capacity_factor=float(r["capacity_factor"]), created_ns=int(r["created_ns"]),
         )
+        return self._cached
 
     def close(self) -> None:
         self._seg.close()

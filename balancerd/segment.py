@@ -21,7 +21,8 @@ import numpy as np
 
 LAYOUT_VERSION = 1
 HEADER_BYTES = 4096
-_HEAD_OFFSET = 2048  # the live write counter sits apart from the static, checksummed header fields
+_HEAD_OFFSET = 2048  # the live write counters sit apart from the static, checksummed header fields
+_STARTED_OFFSET = _HEAD_OFFSET + 8
 
 HEADER_DTYPE = np.dtype(
     [
@@ -129,6 +130,7 @@ class Segment:
         self._dtype = rec
         self.records = np.ndarray((info.capacity,), dtype=rec, buffer=mm, offset=HEADER_BYTES)
         self._head = np.ndarray((1,), dtype="<u8", buffer=mm, offset=_HEAD_OFFSET)
+        self._started = np.ndarray((1,), dtype="<u8", buffer=mm, offset=_STARTED_OFFSET)
         self._scratch = np.zeros(1, dtype=rec)
 
     @classmethod
@@ -215,14 +217,22 @@ class Segment:
         """Number of records ever written (the next sequence number)."""
         return int(self._head[0])
 
+    @property
+    def started(self) -> int:
+        """Number of record writes ever begun: head + 1 while a record is being copied into its slot."""
+        return int(self._started[0])
+
     def write(self, fill) -> int:
-        """Stage a record with ``fill(record)``, seal it, copy it into its slot and advance the head."""
+        """Stage a record with ``fill(record)``, seal it, count it as started, copy it into its slot and
+        advance the head."""
         seq = self.head
         rec = self._scratch
         rec.view(np.uint8)[:] = 0
         fill(rec[0])
         rec["seq"] = seq
         _seal(rec)
+        # announced before the copy, so a reader can tell a slot being overwritten from a corrupt one
+        self._started[0] = seq + 1
         self.records[seq % self.info.capacity] = rec[0]
         self._head[0] = seq + 1
         return seq
@@ -245,6 +255,7 @@ class Segment:
             return
         self.records = None
         self._head = None
+        self._started = None
         self._mm.close()
         os.close(self._fd)
         self._mm = None
