@@ -66,14 +66,26 @@ class _Snapshot:
     timings: dict[str, np.ndarray]
 
 
+def shared_generation(group: EPGroup) -> int:
+    """A fresh generation id drawn by rank 0 and broadcast, so every rank of one runtime start shares it.
+
+    A collective: every rank of the group calls it once, at start-up.
+    """
+    value = torch.tensor([new_generation()], dtype=torch.int64, device=group.device)
+    if group.world > 1:
+        dist.broadcast(value, dist.get_global_rank(group.group, 0), group=group.group)
+    return int(value.item())
+
+
 class TelemetryPublisher:
     """Owns the rank's ring and the background writer. Call :meth:`step` once per forward step and
-    :meth:`close` at shutdown."""
+    :meth:`close` at shutdown. Without ``generation``, construction is a collective
+    (:func:`shared_generation`)."""
 
     def __init__(self, counters: Counters, group: EPGroup, config: TelemetryConfig = TelemetryConfig(),
                  *, generation: int | None = None, extra_words: int = 0):
         self.counters, self.group, self.config = counters, group, config
-        self.generation = generation or new_generation()
+        self.generation = generation or shared_generation(group)
         self.extra_words = extra_words
         directory = Path(config.directory) if config.directory else runtime_dir()
         shape = RingShape(counters.layers, counters.routed.shape[1], counters.received.shape[1])

@@ -1,0 +1,149 @@
+"""The expert-parallel MoE layer (EPMoELayer) and a residual stack of them (EPMoEStack)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.route import route
+from moe_runtime.config import NORM_EPS, DispatchConfig, MoEConfig
+from moe_runtime.counters import Counters
+from moe_runtime.dispatch import combine, dispatch
+from moe_runtime.experts import run_experts, swiglu
+from moe_runtime.group import EPGroup
+from moe_runtime.placement import RuntimePlacement, choose_replicas
+from moe_runtime.reference import LogicalWeights
+
+
+def _check(cfg: MoEConfig, layer: int, group: EPGroup, placement: RuntimePlacement, counters: Counters | None,
+           selection_bias: torch.Tensor | None) -> None:
+    """Refuse mismatched pieces at construction, so no rank enters a collective it cannot finish."""
+    if placement.world != group.world:
+        raise ValueError(f"the placement is for {placement.world} ranks ({placement.slots} slots, "
+                         f"{placement.slots_per_rank} a rank) but the EP group has {group.world}")
+    if placement.experts != cfg.experts:
+        raise ValueError(f"the placement places {placement.experts} experts, {cfg.name} has {cfg.experts}")
+    if not 0 <= layer < placement.layers:
+        raise ValueError(f"layer {layer} outside the placement's {placement.layers} layers")
+    if placement.phys_to_log.device != group.device:
+        raise ValueError(f"the placement lives on {placement.phys_to_log.device}, "
+                         f"the group on {group.device}")
+    if counters is not None:
+        want = (placement.layers, cfg.experts, placement.slots_per_rank)
+        got = (*counters.routed.shape, counters.received.shape[1])
+        if got != want or counters.device != group.device:
+            raise ValueError(f"counters are [layers, experts, slots a rank] = {got} on {counters.device}, "
+                             f"need {want} on {group.device}")
+    bias = selection_bias
+    if bias is not None and (bias.shape != (cfg.experts,) or bias.dtype != torch.float32
+                             or bias.device != group.device):
+        raise ValueError(f"selection_bias must be [{cfg.experts}] float32 on {group.device}, "
+                         f"got {list(bias.shape)} {bias.dtype} on {bias.device}")
+
+
+class EPMoELayer(nn.Module):
+    """One MoE layer: route, dispatch to the slots' ranks, local SwiGLU experts, combine, shared experts.
+
+    Weights are stored per local slot (w_gate_up [K, 2I, H], w_down [K, H, I]) so a slot can be
+    refilled when its expert moves. `selection_bias` is this layer's row of a device [L, E] buffer,
+    read on every forward; `counters=None` turns all counting and timing off.
+    """
+
+    def __init__(self, cfg: MoEConfig, layer: int, group: EPGroup, placement: RuntimePlacement, *,
+                 dispatch: DispatchConfig | None = None, counters: Counters | None = None,
+                 selection_bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        _check(cfg, layer, group, placement, counters, selection_bias)
+        self.cfg, self.layer, self.group, self.placement = cfg, layer, group, placement
+        self.dispatch_config = dispatch or DispatchConfig()
+        self.counters, self.selection_bias = counters, selection_bias
+        self.spec = cfg.routing_spec()
+        h, i, si, k = cfg.hidden, cfg.intermediate, cfg.shared_intermediate, placement.slots_per_rank
+
+        def weight(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(shape, dtype=dtype, device=group.device), requires_grad=False)
+
+        self.router = weight(cfg.experts, h)
+        self.register_buffer("router_bias", torch.zeros(cfg.experts, dtype=dtype, device=group.device))
+        self.w_gate_up = weight(k, 2 * i, h)
+        self.w_down = weight(k, h, i)
+        self.register_parameter("shared_gate_up", weight(2 * si, h) if si else None)
+        self.register_parameter("shared_down", weight(h, si) if si else None)
+        bias = torch.zeros(cfg.experts, device=group.device) if cfg.routing == "sigmoid_grouped" else None
+        self.register_buffer("correction_bias", bias)
+
+    @torch.no_grad()
+    def load_weights(self, w: LogicalWeights) -> None:
+        """Fill the router, shared experts and every local slot from the layer's logical weights."""
+        experts = torch.from_numpy(self.placement.local_experts(self.layer, self.group.rank)).long()
+        self.router.copy_(w.router)
+        if w.router_bias is None:
+            self.router_bias.zero_()
+        else:
+            self.router_bias.copy_(w.router_bias)
+        self.w_gate_up.copy_(w.w_gate_up[experts])
+        self.w_down.copy_(w.w_down[experts])
+        if self.correction_bias is not None:
+            self.correction_bias.copy_(w.correction_bias)
+        if self.shared_gate_up is not None:
+            self.shared_gate_up.copy_(w.shared_gate_up)
+            self.shared_down.copy_(w.shared_down)
+
+    def _timed(self, phase: str):
+        return nullcontext() if self.counters is None else self.counters.timed(phase, self.layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.cfg.hidden:
+            raise ValueError(f"EPMoELayer takes [tokens, {self.cfg.hidden}], got {list(x.shape)}")
+        c, layer, pl = self.counters, self.layer, self.placement
+        r = route(F.linear(x, self.router, self.router_bias), self.spec, correction_bias=self.correction_bias,
+                  selection_bias=self.selection_bias, counts=None if c is None else c.routed[layer],
+                  record=None if c is None else c.record)
+        phys = choose_replicas(r.ids, pl.log_to_phys[layer], pl.replicas[layer], offset=self.group.rank)
+        with self._timed("dispatch"):
+            recv, path = dispatch(x, phys, r.weights, self.group, pl.slots_per_rank, self.dispatch_config)
+        with self._timed("expert"):
+            y = run_experts(recv.x, recv.slots, recv.weights, self.w_gate_up, self.w_down, recv.slot_sizes)
+        with self._timed("combine"):
+            out = combine(y, path, self.group, x.shape[0])
+        if self.shared_gate_up is not None:
+            out += swiglu(x, self.shared_gate_up, self.shared_down).float()
+        if c is not None:
+            c.received[layer] += recv.received.to(torch.int32) * c.record
+            c.bias_changed[layer] += r.changed * c.record
+            if recv.dropped is not None:
+                c.dropped[layer] += recv.dropped * c.record
+        return out.to(x.dtype)
+
+
+class EPMoEStack(nn.Module):
+    """cfg.layers EP MoE layers with residuals: x = x + moe_l(rms_norm(x))."""
+
+    def __init__(self, cfg: MoEConfig, group: EPGroup, placement: RuntimePlacement, *,
+                 dispatch: DispatchConfig | None = None, counters: Counters | None = None,
+                 selection_bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if placement.layers != cfg.layers:
+            raise ValueError(f"the placement has {placement.layers} layers, {cfg.name} has {cfg.layers}")
+        if selection_bias is not None and selection_bias.shape != (cfg.layers, cfg.experts):
+            raise ValueError(f"selection_bias must be [{cfg.layers}, {cfg.experts}], "
+                             f"got {list(selection_bias.shape)}")
+        self.layers = nn.ModuleList(
+            EPMoELayer(cfg, layer, group, placement, dispatch=dispatch, counters=counters, dtype=dtype,
+                       selection_bias=None if selection_bias is None else selection_bias[layer])
+            for layer in range(cfg.layers))
+
+    def load_weights(self, weights: Sequence[LogicalWeights]) -> None:
+        if len(weights) != len(self.layers):
+            raise ValueError(f"got weights for {len(weights)} layers, the stack has {len(self.layers)}")
+        for layer, w in zip(self.layers, weights, strict=True):
+            layer.load_weights(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(F.rms_norm(x, (x.shape[1],), eps=NORM_EPS))
+        return x
