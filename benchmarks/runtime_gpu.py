@@ -1,0 +1,432 @@
+"""moe_runtime on the GPUs: EP equals the dense reference over NCCL, host syncs, telemetry overhead.
+
+Launch one process per GPU from the repository root:
+
+    NCCL_NVLS_ENABLE=0 torchrun --standalone --nproc-per-node 4 benchmarks/runtime_gpu.py --out out/runtime
+    torchrun --standalone --nproc-per-node 2 benchmarks/runtime_gpu.py --device cpu --tiny   # gloo, CPU
+
+Sections (--sections, default all):
+
+* equivalence: EPMoEStack against moe_runtime.reference.dense_stack (each rank computes the reference
+  over every rank's tokens with the same weights) for both routings (Qwen3 softmax, DeepSeek-V3
+  sigmoid_grouped with groups), both dispatch modes and a random placement with replicas (S > E),
+  float32. Reports the max relative error, the same on every rank (all-reduced).
+* sync: host syncs per forward counted with torch.cuda.set_sync_debug_mode("warn") (capacity mode:
+  0 expected; exact mode: one per layer, for the split sizes), and the capacity-mode forward run under
+  set_sync_debug_mode("error"). CUDA only.
+* overhead: step time with counters + telemetry (a PlanController publishing every 16 steps into a
+  temp runtime dir) on against off (counters=None, no controller), same stack, on/off segments
+  interleaved in ABBA order to cancel drift; Qwen3-235B and DeepSeek-V3 shapes with the layers
+  reduced, bf16, exact mode, 64 and 4096 tokens per rank. Each step's time is the max over ranks;
+  each mode's figure is the median over its segments of the segment's mean step.
+
+Results: DIR/<section>.csv, .json and .md (rewritten after every row, so a failure keeps the rows
+before it), DIR defaulting to $OUT, else ./out. Timing: synchronize before every host clock read,
+warm-up first. benchmarks/README.md explains every column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+
+if not __package__:  # run as a file: the repo root must come first (benchmarks/kernels.py is no package)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from moe_runtime import (  # noqa: E402
+    Counters,
+    DispatchConfig,
+    EPGroup,
+    EPMoEStack,
+    LogicalWeights,
+    MoEConfig,
+    RuntimePlacement,
+    dense_stack,
+    ep_group,
+)
+from moe_runtime.controller import PlanController  # noqa: E402
+from moe_runtime.telemetry import TelemetryConfig  # noqa: E402
+
+MODELS = ("qwen3-235b-a22b", "deepseek-v3")
+SECTIONS = ("equivalence", "sync", "overhead")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# ---------------------------------------------------------------------------------------------------
+# Shared with benchmarks/loop_gpu.py
+
+
+def default_out() -> Path:
+    return Path(os.environ.get("OUT") or "out")
+
+
+def init_distributed(device: str, timeout_s: float) -> EPGroup:
+    """One process per rank from torchrun's environment (or a world of one without it): NCCL on the
+    local GPU, gloo on CPU. Returns the world as the EP group."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517")):
+        os.environ.setdefault(key, value)
+    timeout = timedelta(seconds=timeout_s)
+    if device == "cuda":
+        local = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", timeout=timeout, device_id=local)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
+        dist.init_process_group("gloo", timeout=timeout)
+    return ep_group()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def log(group: EPGroup, *parts: object) -> None:
+    if group.rank == 0:
+        print(*parts, flush=True)
+
+
+def device_weights(cfg: MoEConfig, layer: int, seed: int, device: torch.device, dtype: torch.dtype,
+                   router_bias: torch.Tensor | None = None) -> LogicalWeights:
+    """One layer's full logical weights generated on `device` from (seed, layer): every rank of one
+    machine type draws the same values, so replicas are identical; no host round trip for GBs."""
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + layer)
+    h, i, e, si = cfg.hidden, cfg.intermediate, cfg.experts, cfg.shared_intermediate
+
+    def normal(*shape: int, fan_in: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(fan_in ** -0.5)
+
+    correction = None
+    if cfg.routing == "sigmoid_grouped":
+        correction = torch.randn(e, generator=gen, device=device).mul_(0.1)
+    shared = (normal(2 * si, h, fan_in=h), normal(h, si, fan_in=si)) if si else (None, None)
+    bias = None if router_bias is None else router_bias.to(device=device, dtype=dtype)
+    return LogicalWeights(normal(e, h, fan_in=h), correction, normal(e, 2 * i, h, fan_in=h),
+                          normal(e, h, i, fan_in=i), *shared, router_bias=bias)
+
+
+def load_layers(stack: EPMoEStack, make: Callable[[int], LogicalWeights], keep: bool) -> list[LogicalWeights]:
+    """Fill every layer from make(layer), one layer's full weights alive at a time unless `keep`."""
+    kept = []
+    for layer, module in enumerate(stack.layers):
+        w = make(layer)
+        module.load_weights(w)
+        if keep:
+            kept.append(w)
+        del w
+    if stack.layers[0].router.is_cuda:
+        torch.cuda.empty_cache()
+    return kept
+
+
+def max_over_ranks(values: list[float], group: EPGroup) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=group.device)
+    if group.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def sum_over_ranks(value: int, group: EPGroup) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=group.device)
+    if group.world > 1:
+        dist.all_reduce(t)
+    return int(t.item())
+
+
+class Results:
+    """Rows of one table, rewritten to DIR/NAME.csv, .json and .md after every row (rank 0 writes)."""
+
+    def __init__(self, out: Path, name: str, columns: list[str], enabled: bool):
+        self.out, self.name, self.columns, self.enabled = out, name, columns, enabled
+        self.rows: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if not self.enabled:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        with open(self.out / f"{self.name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        (self.out / f"{self.name}.json").write_text(json.dumps(self.rows, indent=1, default=str))
+        (self.out / f"{self.name}.md").write_text(self.markdown() + "\n")
+
+    def markdown(self) -> str:
+        cols = [c for c in self.columns if any(c in r for r in self.rows)] + ["error"]
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in self.rows:
+            lines.append("| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |")
+        return "\n".join(lines)
+
+
+def _cell(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e5 else f"{v:.4g}"
+    return str(v)
+
+
+def record(results: Results, group: EPGroup, key: dict, body: Callable[[], dict]) -> None:
+    """Run one case; an exception becomes the row's error and the next case still runs. A case may also
+    return its own "error" beside partial results."""
+    try:
+        row = {**key, **body()}
+        row.setdefault("error", "")
+    except Exception as exc:  # one failing case must not lose the other rows
+        print(f"[rank {group.rank}] case {key} failed:\n{traceback.format_exc()}", file=sys.stderr,
+              flush=True)
+        row = {**key, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        if group.device.type == "cuda":
+            torch.cuda.empty_cache()
+    results.add(row)
+    log(group, "  " + ", ".join(f"{k}={_cell(v)}" for k, v in row.items() if v != ""))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sections
+
+
+def small_config(model: str, layers: int = 2) -> MoEConfig:
+    """The moderate float32 shape of the equivalence and sync sections, each preset's routing."""
+    return MoEConfig.preset(model, layers=layers, hidden=256, intermediate=128, experts=32, top_k=8)
+
+
+def random_placement(cfg: MoEConfig, world: int, slots_per_rank: int, seed: int) -> np.ndarray:
+    """[L, S]: every expert once plus random replicas, shuffled (the same on every rank)."""
+    rng = np.random.default_rng(seed)
+    extra = world * slots_per_rank - cfg.experts
+    rows = [np.concatenate([np.arange(cfg.experts), rng.integers(0, cfg.experts, extra)])
+            for _ in range(cfg.layers)]
+    return np.stack([rng.permutation(row) for row in rows]).astype(np.int32)
+
+
+def _to(w: LogicalWeights, device: torch.device) -> LogicalWeights:
+    return dataclasses.replace(w, **{f.name: getattr(w, f.name).to(device) for f in dataclasses.fields(w)
+                                     if getattr(w, f.name) is not None})
+
+
+def equivalence_case(group: EPGroup, model: str, mode: str, tokens: int, seed: int) -> dict:
+    cfg = small_config(model)
+    k = cfg.experts // group.world + 2
+    placement = RuntimePlacement(random_placement(cfg, group.world, k, seed), cfg.experts, k, group.device)
+    counters = Counters(cfg.layers, cfg.experts, k, group.device)
+    stack = EPMoEStack(cfg, group, placement, dispatch=DispatchConfig(mode), counters=counters)
+    weights = [_to(LogicalWeights.random(cfg, layer, seed), group.device) for layer in range(cfg.layers)]
+    stack.load_weights(weights)
+    gen = torch.Generator().manual_seed(seed)
+    x_all = torch.randn(group.world * tokens, cfg.hidden, generator=gen).to(group.device)
+    mine = slice(group.rank * tokens, (group.rank + 1) * tokens)
+    with torch.no_grad():
+        out = stack(x_all[mine])
+        ref = dense_stack(x_all, weights, cfg)[mine]
+    err = float((out - ref).abs().max() / ref.abs().max())
+    err = max_over_ranks([err], group)[0]
+    return {"slots": placement.slots, "replicas_max": int(placement.replicas.max()), "max_rel_err": err,
+            "ok": err < 1e-4}
+
+
+def count_syncs(fn: Callable[[], object]) -> int:
+    """Host syncs fn() makes, as set_sync_debug_mode("warn") reports them."""
+    always = torch.is_warn_always_enabled()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.set_warn_always(True)  # a warning torch raises only once would hide repeated syncs
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            torch.set_warn_always(always)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def sync_case(group: EPGroup, model: str, mode: str, tokens: int, seed: int) -> dict:
+    cfg = small_config(model)
+    k = cfg.experts // group.world + 2
+    placement = RuntimePlacement(random_placement(cfg, group.world, k, seed), cfg.experts, k, group.device)
+    counters = Counters(cfg.layers, cfg.experts, k, group.device)
+    stack = EPMoEStack(cfg, group, placement, dispatch=DispatchConfig(mode), counters=counters)
+    stack.load_weights([_to(LogicalWeights.random(cfg, layer, seed), group.device)
+                        for layer in range(cfg.layers)])
+    x = torch.randn(tokens, cfg.hidden, device=group.device)
+    with torch.no_grad():
+        for _ in range(3):  # warm-up: allocator, NCCL communicators, Triton compilation
+            stack(x)
+        sync(group.device)
+        syncs = count_syncs(lambda: stack(x))
+        # Decide on the error-mode run together, so no rank raises while the others are in a collective.
+        most = int(max_over_ranks([syncs], group)[0])
+        expected = 0 if mode == "capacity" else cfg.layers
+        row = {"layers": cfg.layers, "syncs_per_forward": most, "expected": expected}
+        if mode == "capacity" and most == 0:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                stack(x)
+                row["error_mode"] = "ran clean"
+            except RuntimeError as exc:
+                row["error_mode"] = f"raised: {str(exc)[:120]}"
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            sync(group.device)
+    row["ok"] = most == expected and row.get("error_mode", "ran clean") == "ran clean"
+    return row
+
+
+def overhead_case(group: EPGroup, model: str, tokens: int, args: argparse.Namespace) -> dict:
+    """Step time with counters + PlanController publishing (on) against counters=None (off)."""
+    layers = args.overhead_layers
+    cfg = small_config(model, layers) if args.tiny else MoEConfig.preset(model, layers=layers)
+    dtype = DTYPES[args.dtype]
+    k = cfg.experts // group.world + args.extra_slots
+    placement = RuntimePlacement.initial(cfg.layers, cfg.experts, group.world, k, group.device)
+    counters = Counters(cfg.layers, cfg.experts, k, group.device)
+    stack = EPMoEStack(cfg, group, placement, dispatch=DispatchConfig("exact"), counters=counters,
+                       dtype=dtype)
+    load_layers(stack, lambda layer: device_weights(cfg, layer, args.seed, group.device, dtype), keep=False)
+    gen = torch.Generator(device=group.device).manual_seed(args.seed + group.rank)
+    inputs = [torch.randn(tokens, cfg.hidden, generator=gen, device=group.device, dtype=dtype)
+              for _ in range(4)]
+    with tempfile.TemporaryDirectory(prefix="balancerd-bench-") as runtime:
+        telemetry = TelemetryConfig(job=f"ovh{group.rank}", interval_steps=args.interval, directory=runtime)
+        controller = PlanController(stack, placement, group, counters, telemetry=telemetry)
+        times: dict[str, list[float]] = {"off": [], "on": []}
+        on_step = 0
+
+        def segment(mode: str, steps: int, keep: bool) -> None:
+            nonlocal on_step
+            for layer in stack.layers:
+                layer.counters = counters if mode == "on" else None
+            for i in range(steps):
+                sync(group.device)
+                start = time.perf_counter()
+                stack(inputs[i % len(inputs)])
+                if mode == "on":
+                    controller.after_step(on_step, tokens)
+                    on_step += 1
+                sync(group.device)
+                if keep:
+                    times[mode].append(time.perf_counter() - start)
+
+        try:
+            with torch.no_grad():
+                for mode in ("on", "off"):
+                    segment(mode, args.warmup, keep=False)
+                for pair in range(args.segments):
+                    for mode in (("off", "on") if pair % 2 == 0 else ("on", "off")):
+                        segment(mode, args.segment_steps, keep=True)
+        finally:
+            controller.close()
+    n, seg = len(times["off"]), args.segment_steps
+    step_max = max_over_ranks(times["off"] + times["on"], group)  # the slowest rank sets each step
+    steps = {"off": step_max[:n], "on": step_max[n:]}
+    # Per segment, the mean step (publish steps included at their share); the median over segments.
+    means = {m: [statistics.fmean(t[i:i + seg]) for i in range(0, n, seg)] for m, t in steps.items()}
+    off, on = statistics.median(means["off"]), statistics.median(means["on"])
+    half = len(means["off"]) // 2  # the same configuration measured twice: what this can resolve
+    noise = abs(statistics.median(means["off"][:half]) - statistics.median(means["off"][half:])) / off
+    step_off, step_on = statistics.median(steps["off"]), statistics.median(steps["on"])
+    return {"slots_per_rank": k, "steps_per_mode": n, "off_ms": off * 1e3, "on_ms": on * 1e3,
+            "overhead_pct": (on / off - 1) * 100, "noise_pct": noise * 100,
+            "target_met": "unresolved" if noise > 0.005 else (on / off - 1) <= 0.005,
+            "median_step_off_ms": step_off * 1e3,
+            "median_step_on_ms": step_on * 1e3, "median_step_overhead_pct": (step_on / step_off - 1) * 100,
+            "publishes": on_step // args.interval}
+
+
+COLUMNS = {
+    "equivalence": ["model", "mode", "world", "slots", "replicas_max", "max_rel_err", "ok"],
+    "sync": ["model", "mode", "layers", "syncs_per_forward", "expected", "error_mode", "ok"],
+    "overhead": ["model", "layers", "tokens", "slots_per_rank", "steps_per_mode", "off_ms", "on_ms",
+                 "overhead_pct", "noise_pct", "target_met", "median_step_overhead_pct"],
+}
+
+
+def cases(section: str, group: EPGroup, args: argparse.Namespace) -> list[tuple[dict, Callable[[], dict]]]:
+    """(row key, case) for every case of a section, in order."""
+    if section == "equivalence":
+        return [({"model": m, "mode": mode, "world": group.world},
+                 partial(equivalence_case, group, m, mode, args.eq_tokens, args.seed))
+                for m in MODELS for mode in ("exact", "capacity")]
+    if section == "sync":
+        return [({"model": m, "mode": mode}, partial(sync_case, group, m, mode, args.eq_tokens, args.seed))
+                for m in MODELS for mode in ("capacity", "exact")]
+    return [({"model": m, "layers": args.overhead_layers, "tokens": t},
+             partial(overhead_case, group, m, t, args)) for m in MODELS for t in args.tokens]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=default_out(), help="results directory ($OUT, else ./out)")
+    p.add_argument("--device", choices=("cuda", "cpu"),
+                   default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda: NCCL, one GPU a rank; cpu: gloo")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--tiny", action="store_true", help="small overhead shapes and few steps (CPU check)")
+    p.add_argument("--eq-tokens", type=int, default=128, help="tokens per rank, equivalence and sync")
+    p.add_argument("--tokens", default="64,4096", help="tokens per rank, overhead section")
+    p.add_argument("--overhead-layers", type=int, default=2, help="MoE layers, overhead section")
+    p.add_argument("--extra-slots", type=int, default=2, help="slots per rank beyond experts / world")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="overhead section")
+    p.add_argument("--interval", type=int, default=16, help="telemetry publish interval, steps")
+    p.add_argument("--warmup", type=int, default=8, help="warm-up steps per mode")
+    p.add_argument("--segments", type=int, default=8, help="timed segments per mode (ABBA order)")
+    p.add_argument("--segment-steps", type=int, default=32, help="steps per segment")
+    p.add_argument("--seed", type=int, default=0, help="weights, placements and inputs")
+    p.add_argument("--timeout", type=float, default=300, help="collective timeout, seconds")
+    if p.parse_args(argv).tiny:  # --tiny changes the defaults; explicit options still win
+        p.set_defaults(tokens="16,64", segments=4, segment_steps=8, warmup=2)
+    args = p.parse_args(argv)
+    args.sections = [s for s in args.sections.split(",") if s]
+    if unknown := set(args.sections) - set(SECTIONS):
+        p.error(f"unknown section(s) {sorted(unknown)}")
+    args.tokens = [int(t) for t in args.tokens.split(",")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    group = init_distributed(args.device, args.timeout)
+    try:
+        log(group, f"runtime_gpu: world {group.world} on {group.device.type}, torch {torch.__version__}, "
+                   f"out {args.out}")
+        tables = []
+        for name in args.sections:
+            log(group, f"== {name}")
+            started = time.perf_counter()
+            res = Results(args.out, name, COLUMNS[name], group.rank == 0)
+            if name == "sync" and group.device.type != "cuda":
+                res.add({"model": "-", "mode": "-", "error": "skipped: set_sync_debug_mode needs CUDA"})
+            else:
+                for key, case in cases(name, group, args):
+                    record(res, group, key, case)
+            log(group, f"   {name}: {time.perf_counter() - started:.1f} s")
+            tables.append((name, res))
+        for name, res in tables:
+            log(group, f"\n### {name}\n\n{res.markdown()}")
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
