@@ -14,14 +14,13 @@ import difflib
 import math
 import os
 import re
+import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from balancerd import protocol
 from balancerd.log import LEVELS
