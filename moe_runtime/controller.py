@@ -132,7 +132,8 @@ class PlanController:
         self.generation = self.publisher.generation
         self.is_leader = group.rank == 0
         self._control: ControlReader | None = None
-        self._plan: ControlPlan | None = None
+        self._plan: ControlPlan | None = None     # the newest plan in the control block (leader)
+        self._offered: ControlPlan | None = None  # the plan announced at the last publish (leader)
         self._handled_version = 0
         self._pending_announce = None      # (host words, done) from the last publish step
         self._migration: list[list[int]] | None = None
@@ -165,8 +166,9 @@ class PlanController:
             self._agree(announced, step)
         words = torch.zeros(ANNOUNCE_WORDS, dtype=torch.int32, device=self.group.device)
         offer = self._offer()
-        if offer:
-            words.copy_(torch.tensor([offer >> 31, offer & 0x7FFFFFFF], dtype=torch.int32))
+        if offer:  # fill_ with host scalars: no pageable copy, no sync
+            words[0].fill_(offer >> 31)
+            words[1].fill_(offer & 0x7FFFFFFF)
         host = self.publisher.step(step, tokens, self.placement.version, extra=words)
         self._pending_announce = (host, self.publisher.last_done())
         self.status.step = step
@@ -197,12 +199,15 @@ class PlanController:
             self._plan = plan
 
     def _offer(self) -> int:
-        """The version the leader announces at this publish step (0: none)."""
+        """The version the leader announces at this publish step (0: none). The plan itself is kept,
+        so a newer plan arriving before the agreement step cannot replace what was announced."""
         plan = self._plan
+        self._offered = None
         if not self.is_leader or plan is None or self.migrating or plan.mode == Mode.PAUSED:
             return 0
         if plan.version <= self._handled_version or plan.generation != self.generation:
             return 0
+        self._offered = plan
         return plan.version
 
     # -- every rank ----------------------------------------------------------------------------------
@@ -222,7 +227,7 @@ class PlanController:
         rejects it. Runs on every rank at the same step (off the forward path)."""
         pl = self.placement
         numel = 2 * _HEADER + pl.layers * pl.slots + pl.layers * pl.experts
-        held = self._plan if self.is_leader else None
+        held = self._offered if self.is_leader else None
         plan = held if held is not None and held.version == version else None
         buf = _encode(plan, pl.layers, pl.experts) if plan else torch.zeros(numel, dtype=torch.int32)
         buf = buf.to(self.group.device)
