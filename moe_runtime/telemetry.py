@@ -3,7 +3,8 @@
 Every ``interval_steps`` steps, on every rank at the same step:
 
 1. the routed counts [L, E] (plus any control words the caller rides on it, see ``extra``) are
-   all-reduced over the EP group: NCCL enqueues it on the stream, nothing waits on the host;
+   all-reduced over the EP group: NCCL enqueues it on the stream, nothing waits on the host; with
+   ``global_view=False`` only the control words are;
 2. the reduced buffer and the other counters are copied non-blocking into pinned host memory and the
    device counters are reset (stream-ordered, so the copy still sees the old values);
 3. a background thread waits for that copy's event and writes the record into the ring.
@@ -124,8 +125,11 @@ class TelemetryPublisher:
         buf[:L_E].copy_(c.routed.view(-1))
         if self.extra_words:
             buf[L_E:].copy_(extra)
-        if self.config.global_view and self.group.world > 1:
-            dist.all_reduce(buf, group=self.group.group)
+        if self.group.world > 1:
+            if self.config.global_view:
+                dist.all_reduce(buf, group=self.group.group)
+            elif self.extra_words:  # the caller's words (plan announcements) must reach every rank
+                dist.all_reduce(buf[L_E:], group=self.group.group)
         full = self._queue.qsize() >= self.config.max_pending
         host, reduced = self._host[self._next_host]
         if not full:
