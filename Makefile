@@ -4,7 +4,7 @@ PIP := $(VENV)/bin/pip
 # On a GPU node: make install CONSTRAINTS= (torch's CUDA wheel, which brings NCCL and Triton).
 CONSTRAINTS ?= constraints-cpu.txt
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint dashboards clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
@@ -22,6 +22,12 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# Regenerate dashboards/balancerd.json after changing dashboards/generate.py or balancerd/metrics.py.
+# `make test` checks it (generate.py --check) and runs `promtool test rules` through pytest
+# (tests/unit/test_dashboards.py).
+dashboards: install
+	$(PY) dashboards/generate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -42,6 +42,7 @@ from balancerd.detect import (
 )
 from balancerd.ingest import STALE_AFTER_S, Ingest, Interval, JobFeed
 from balancerd.log import Log
+from balancerd.metrics import Metrics
 from balancerd.placement import PlacementError, Topology, validate_placement
 from balancerd.policy import capacity_factor_for, control_policy, decide_push, moe_share, token_bias
 from balancerd.protocol import (
@@ -152,6 +153,7 @@ class Daemon:
         # may interrupt the main thread while it holds an Event's lock.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.api = ApiServer(self.socket_path, self.handle, self.log, config.api.group) if serve_api else None
+        self.metrics: Metrics | None = None  # started by run_forever; observe() feeds it after each step
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -160,6 +162,7 @@ class Daemon:
         `run` command handles SIGHUP there)."""
         if self.api is not None:
             self.api.start()
+        self.metrics = Metrics.start(self.config.metrics, self.log, self.saved)
         self.log.info("balancerd started", pid=os.getpid(), runtime_dir=self.runtime_dir,
                       state_dir=self.state_dir, socket=self.socket_path)
         while not self._stopping:
@@ -188,6 +191,8 @@ class Daemon:
     def close(self) -> None:
         if self.api is not None:
             self.api.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         with self._lock:
             for run in self.runs.values():
                 run.close()
@@ -201,11 +206,11 @@ class Daemon:
         """Use a new configuration; windows, detector state, plans and overrides are kept."""
         with self._lock:
             old = self.config
-            for key in ("runtime_dir", "state_dir", "api", "job"):
+            for key in ("runtime_dir", "state_dir", "api", "job", "metrics"):
                 if getattr(old, key) != getattr(config, key):
                     self.log.warning("config key changed; it takes effect on restart", key=key)
             config = dataclasses.replace(config, runtime_dir=old.runtime_dir, state_dir=old.state_dir,
-                                         api=old.api, job=old.job)
+                                         api=old.api, job=old.job, metrics=old.metrics)
             self.config = config
             self.log.set_level(config.log_level)
             self.ingest.configure(config.window.intervals)
@@ -231,6 +236,8 @@ class Daemon:
                 except Exception as exc:  # one job's failure must not stop the others
                     self.log.once(f"job-error:{job}:{type(exc).__name__}", "error", "job step failed",
                                   job=job, error=f"{type(exc).__name__}: {exc}")
+            if self.metrics is not None:
+                self.metrics.observe(self, now)
 
     def _step_job(self, job: str, feed: JobFeed, intervals: list, now: float) -> None:
         run = self._run_for(job, feed)

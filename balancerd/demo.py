@@ -45,6 +45,7 @@ class DemoOptions:
     seed: int = 0
     interval_steps: int = 4
     timeout_s: float = 600.0
+    metrics_port: int = 0        # the daemon's Prometheus endpoint on 127.0.0.1; 0: a free port
 
     def __post_init__(self) -> None:
         if self.ranks < 1:
@@ -59,6 +60,8 @@ class DemoOptions:
             raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.skew < 0:
             raise ValueError(f"--skew must be >= 0, got {self.skew}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port must be in [0, 65535], got {self.metrics_port}")
 
 
 def _daemon_config(opts: DemoOptions, runtime: Path, state: Path, expert_bytes: int, port: int) -> str:
@@ -155,7 +158,8 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout, progress: bool = True)
         d.mkdir(mode=0o770)
     hidden, intermediate = 64, 32
     config = work / "balancerd.toml"
-    config.write_text(_daemon_config(opts, runtime, state, 3 * hidden * intermediate * 4, _free_port()))
+    config.write_text(_daemon_config(opts, runtime, state, 3 * hidden * intermediate * 4,
+                                     opts.metrics_port or _free_port()))
     rank_args = {
         "world": opts.ranks, "init_method": f"file://{work / 'store'}", "job": JOB,
         "runtime_dir": str(runtime), "out_dir": str(results), "layers": opts.layers, "experts": opts.experts,
