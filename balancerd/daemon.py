@@ -292,6 +292,8 @@ class Daemon:
             if fresh.last_plan is not None and fresh.last_plan.state not in PLAN_STATES_FINAL:
                 self._resolve(job, fresh.last_plan, "superseded", "runtime restarted before it was applied")
         saved = self.saved.setdefault(job, JobState())
+        if run is None:
+            fresh.last_plan = _unresolved_plan(saved)
         if saved.generation != feed.generation:
             saved.generation = feed.generation
             self._save()
@@ -326,7 +328,10 @@ class Daemon:
             return
         statuses = feed.current_statuses()
         for rank, st in statuses.items():
-            if st.applied_version >= plan.version:
+            if st.applied_version > plan.version:
+                self._resolve(job, plan, "superseded", f"rank {rank} serves version {st.applied_version}")
+                return
+            if st.applied_version == plan.version:
                 plan.acks[rank] = "applied"
             elif st.result_version == plan.version and st.result is not PlanResult.NONE:
                 plan.acks[rank] = st.result.name.lower()
@@ -477,7 +482,9 @@ class Daemon:
         if run.control is None:
             self._attach_control(job, run, feed)
         saved = self.saved.setdefault(job, JobState())
-        version = max(saved.last_version, run.control_version) + 1
+        seen = [max(st.applied_version, st.pending_version, st.result_version)
+                 for st in feed.current_statuses().values()]
+        version = max([saved.last_version, run.control_version, *seen]) + 1
         policy, _ = control_policy(dataclasses.replace(self.config.policy, kind=proposal.policy))
         pcfg = self.policy_config(job)
         run.control.publish(ControlPlan(
@@ -638,6 +645,16 @@ class Daemon:
             "last_version": saved.last_version,
             "history": saved.history,
         }
+
+
+def _unresolved_plan(saved: JobState) -> PlanRecord | None:
+    """The last plan of a previous daemon run that was never resolved, so that a restarted daemon
+    follows it to an outcome instead of showing it pending forever."""
+    if not saved.history or saved.history[-1].get("state") in PLAN_STATES_FINAL:
+        return None
+    e = saved.history[-1]
+    return PlanRecord(int(e["version"]), int(e["generation"], 16), e["policy"], e["source"],
+                      float(e["published"]), e["reason"], {}, state=e["state"])
 
 
 def _rank_snapshot(feed: JobFeed, rank: int, now: float, stale_after_s: float) -> dict:

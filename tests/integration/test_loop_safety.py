@@ -10,7 +10,8 @@ PlanController and real shared memory (see loop_harness.py):
 * a corrupted control block: invalid plans rejected on every rank with the right reason, reported by
   `balancerd status --json`; overwritten bytes dropped and counted; serving goes on, exact;
 * plans still reach every rank with ``global_view=False`` (the announcement rides on the all-reduce);
-* (xfail, a daemon bug) versions keep growing when both the state file and the control block are lost.
+* versions keep growing when both the state file and the control block are lost: the daemon numbers
+  plans past every version the ranks report.
 """
 
 from __future__ import annotations
@@ -286,10 +287,6 @@ def test_plans_reach_every_rank_without_the_global_view(tmp_path):
         reader.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "balancerd/daemon.py _publish numbers a plan max(state file, control block) + 1 and ignores the "
-    "versions the ranks report; with both lost it publishes v1 again, which the runtime never applies, "
-    "and _track_acks calls it applied because applied_version >= 1"))
 def test_versions_keep_growing_after_losing_state_file_and_control_block(tmp_path):
     args = RankArgs(world=2)
     with Harness(tmp_path) as h:
