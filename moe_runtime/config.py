@@ -77,10 +77,11 @@ class DispatchConfig:
     """How tokens travel to their experts' ranks.
 
     exact: a count exchange, then variable all-to-alls (one host sync for the split sizes).
-    capacity: fixed-size padded all-to-alls, no host sync (CUDA-graph capturable). Each destination rank
-    takes at most `capacity` rows (token copies) from each source rank: all source tokens when
-    `capacity_factor` is None (nothing can drop), else ceil(capacity_factor * tokens * top_k / world),
-    keeping the rows with the largest routing weight and dropping (and counting) the rest.
+    capacity: fixed-size padded all-to-alls, no host sync (CUDA-graph capturable): every source rank
+    sends every destination rank one row per token, padding where a token has nothing there. With
+    `capacity_factor` set, the drop policy applies: each source rank sends each physical slot at most
+    ceil(capacity_factor * tokens * top_k / slots) assignments (the slot's mean load times the factor),
+    keeps those with the largest routing weight (ties: lower token first) and drops and counts the rest.
     """
 
     mode: str = "exact"
@@ -95,8 +96,11 @@ class DispatchConfig:
             if not self.capacity_factor > 0:
                 raise ValueError(f"DispatchConfig.capacity_factor must be > 0, got {self.capacity_factor}")
 
-    def capacity(self, tokens: int, top_k: int, world: int) -> int:
-        """Rows each destination rank takes from each source rank (capacity mode)."""
+    def capacity(self, tokens: int, top_k: int, slots: int) -> int:
+        """Assignments a source rank may send each physical slot; `tokens` (no drops) without a factor.
+
+        A token sends a slot at most one assignment, so a capacity of `tokens` never drops.
+        """
         if self.capacity_factor is None:
             return tokens
-        return min(tokens, math.ceil(self.capacity_factor * tokens * top_k / world))
+        return min(tokens, math.ceil(self.capacity_factor * tokens * top_k / slots))

@@ -59,7 +59,7 @@ def test_bad_dispatch_configs_are_refused(kwargs: dict, match: str) -> None:
 
 
 def test_capacity_without_a_factor_takes_every_token_and_with_one_rounds_up() -> None:
-    assert DispatchConfig("capacity").capacity(tokens=37, top_k=8, world=4) == 37
-    assert DispatchConfig("capacity", 1.0).capacity(tokens=10, top_k=2, world=4) == 5
-    assert DispatchConfig("capacity", 1.1).capacity(tokens=10, top_k=2, world=4) == 6
-    assert DispatchConfig("capacity", 4.0).capacity(tokens=10, top_k=8, world=2) == 10
+    assert DispatchConfig("capacity").capacity(tokens=37, top_k=8, slots=4) == 37
+    assert DispatchConfig("capacity", 1.0).capacity(tokens=10, top_k=2, slots=4) == 5
+    assert DispatchConfig("capacity", 1.1).capacity(tokens=10, top_k=2, slots=4) == 6
+    assert DispatchConfig("capacity", 4.0).capacity(tokens=10, top_k=8, slots=2) == 10

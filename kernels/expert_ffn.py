@@ -1,0 +1,105 @@
+"""Grouped SwiGLU over the local slots, and the choice of how to run it on a GPU.
+
+Input: received rows x [R, H] and their assignments sorted by local slot (`kernels.permute.SlotGroups`:
+segment offsets on the device). Output ys: one row per assignment in that order (rows past
+offsets[-1] unspecified); `kernels.permute.unpermute` then forms each row's weighted sum.
+
+Backends on a GPU: "triton" (kernels/expert_ffn_triton.py), "grouped_mm" (torch._grouped_mm on the
+slot-major copy of x from `gather_rows`; bf16 on sm90+ only, where it runs without a host sync), and
+"loop" (moe_runtime.experts' per-slot torch loop, which needs the slot sizes on the host to avoid
+K-fold work). `select_backend` picks one by dtype and rows per slot; CPU tensors always take the loop.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from kernels.permute import SlotGroups, gather_rows
+
+BACKENDS = ("loop", "triton", "grouped_mm")
+BACKEND_ENV = "BALANCERD_EXPERT_BACKEND"  # forces one backend on CUDA tensors (benchmarks, bisecting)
+
+# bf16: the backend by rows per local slot (assignments / slots); the first bound >= the rows wins.
+# From benchmarks/dispatch_gpu.py's FFN table; see docs/_kernels_permute.md.
+BF16_BY_ROWS: tuple[tuple[float, str], ...] = ((64, "triton"), (math.inf, "grouped_mm"))
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate) * up), with gate_up [2I, H] holding the gate rows first, down [H, I]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+def grouped_swiglu_reference(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor,
+                             w_down: torch.Tensor) -> torch.Tensor:
+    """Per-slot torch loop over the segments (reads the offsets on the host: a reference, not a fast path)."""
+    ys = x.new_zeros((groups.rows.shape[0], x.shape[1]))
+    bounds = groups.offsets.tolist()
+    for s, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        if hi > lo:
+            ys[lo:hi] = swiglu(x[groups.rows[lo:hi].long()], w_gate_up[s], w_down[s])
+    return ys
+
+
+def grouped_mm_available(x: torch.Tensor, hidden: int, inter: int) -> bool:
+    """torch._grouped_mm exists and takes this without a fallback: bf16, 16-byte rows, sm90+ (or CPU)."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != torch.bfloat16 or hidden % 8 or inter % 8:
+        return False
+    return not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def grouped_swiglu_grouped_mm(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor,
+                              w_down: torch.Tensor, assignments: int | None = None) -> torch.Tensor:
+    """ys with two torch._grouped_mm calls on the slot-major copy of x (`assignments` rows when given)."""
+    xs = gather_rows(x, groups, assignments)
+    if xs.shape[0] == 0:
+        return xs
+    ends = groups.offsets[1:]
+    h = torch._grouped_mm(xs, w_gate_up.transpose(1, 2), offs=ends)
+    gate, up = h.chunk(2, dim=-1)
+    return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=ends)
+
+
+def select_backend(x: torch.Tensor, slots: int, inter: int, assignments: int, host_sizes: bool) -> str:
+    """The backend for `assignments` (a host bound) over `slots` local slots of intermediate size `inter`.
+
+    CPU: "loop". BALANCERD_EXPERT_BACKEND overrides on CUDA. float32 takes the exact cuBLAS loop when
+    the sizes are on the host and Triton (IEEE fp32 dots) otherwise; other non-bf16 dtypes take Triton;
+    bf16 follows BF16_BY_ROWS, with Triton standing in where torch._grouped_mm is unavailable.
+    """
+    if not x.is_cuda:
+        return "loop"
+    forced = os.environ.get(BACKEND_ENV)
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={forced!r}: expected one of {BACKENDS}")
+        if forced == "grouped_mm" and not grouped_mm_available(x, x.shape[1], inter):
+            raise ValueError(f"{BACKEND_ENV}=grouped_mm: torch._grouped_mm cannot take {x.dtype} here")
+        return forced
+    if x.dtype == torch.float32 and host_sizes:
+        return "loop"
+    if x.dtype != torch.bfloat16:
+        return "triton"
+    rows = assignments / slots
+    choice = next(backend for bound, backend in BF16_BY_ROWS if rows <= bound)
+    return "triton" if choice == "grouped_mm" and not grouped_mm_available(x, x.shape[1], inter) else choice
+
+
+def grouped_swiglu(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                   backend: str, assignments: int | None = None) -> torch.Tensor:
+    """ys [>= offsets[-1], H]: swiglu of each sorted assignment's row with its slot's weights.
+
+    backend "triton" or "grouped_mm" (the loop works on whole rows: moe_runtime.experts);
+    `assignments`, a host bound on offsets[-1] (default R * k), sizes the grid and the buffers.
+    """
+    if backend == "triton":
+        from kernels.expert_ffn_triton import grouped_swiglu_triton
+
+        return grouped_swiglu_triton(x, groups, w_gate_up, w_down, assignments)
+    if backend == "grouped_mm":
+        return grouped_swiglu_grouped_mm(x, groups, w_gate_up, w_down, assignments)
+    raise ValueError(f"grouped_swiglu backend must be 'triton' or 'grouped_mm', got {backend!r}")

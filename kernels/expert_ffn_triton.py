@@ -1,0 +1,150 @@
+"""Triton grouped GEMMs for the SwiGLU experts: rows sorted by local slot, segment offsets on the device.
+
+One kernel, launched twice. First launch: h = silu(x W_gate^T) * (x W_up^T), gathering each
+assignment's row of the received buffer inside the GEMM (no permuted copy of x) and keeping both
+accumulators of a tile in registers. Second launch: ys = h W_down^T on the slot-major h.
+
+Work is cut into BLOCK_M-row tiles that never cross a slot boundary. A tile table built on the
+device (`tile_table`) names each tile's slot and first row; it is sized for a host-known bound on
+the assignments, and tiles past the real end exit at once, so no size reaches the host and empty
+slots cost nothing. Programs run GROUP_M tiles across all N blocks before moving on, so the rows of
+a band stay in L2 while each weight block is read once per band.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.permute import SlotGroups
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile sizes and launch shape of one grouped GEMM launch."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_configs(rows_per_slot: int, dtype: torch.dtype) -> tuple[GemmConfig, GemmConfig]:
+    """(gate_up, down): BLOCK_M near the rows a slot has (16..128); two accumulators kept in registers."""
+    block_m = min(128, max(16, triton.next_power_of_2(max(rows_per_slot, 1))))
+    if dtype == torch.float32:
+        block_m = min(block_m, 64)
+        config = GemmConfig(block_m, 32, 32, num_warps=4, num_stages=2)
+        return config, config
+    warps, stages = (8, 3) if block_m >= 128 else (4, 4)
+    gate_up = GemmConfig(block_m, 64 if block_m >= 64 else 128, 64, num_warps=warps, num_stages=stages)
+    return gate_up, GemmConfig(block_m, 128, 64, num_warps=warps, num_stages=stages)
+
+
+def tile_table(offsets: torch.Tensor, block_m: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For `tiles` tiles: the slot of each (K past the end) and its first row, int32, on the device."""
+    offsets = offsets.long()
+    per_slot = (offsets[1:] - offsets[:-1] + block_m - 1) // block_m
+    end = per_slot.cumsum(0)
+    tile = torch.arange(tiles, device=offsets.device)
+    slot = torch.searchsorted(end, tile, right=True)
+    s = slot.clamp(max=per_slot.shape[0] - 1)
+    row = offsets[s] + (tile - end[s] + per_slot[s]) * block_m
+    return slot.to(torch.int32), row.to(torch.int32)
+
+
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, stride_a, rows_ptr, b_ptr, stride_bs, stride_bn, c_ptr, stride_c,
+                         tile_slot_ptr, tile_row_ptr, offsets_ptr, m_tiles, slots, up_offset,
+                         N: tl.constexpr, K: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr,
+                         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    band = GROUP_M * n_tiles
+    first = (pid // band) * GROUP_M
+    size = tl.minimum(m_tiles - first, GROUP_M)
+    pid_m = first + (pid % band) % size
+    pid_n = (pid % band) // size
+
+    s = tl.load(tile_slot_ptr + pid_m)
+    if s < slots:
+        m = tl.load(tile_row_ptr + pid_m) + tl.arange(0, BLOCK_M)
+        m_ok = m < tl.load(offsets_ptr + s + 1)
+        if GATHER:
+            src = tl.load(rows_ptr + m, mask=m_ok, other=0).to(tl.int64)
+        else:
+            src = m.to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = cols < N
+        kk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + src[:, None] * stride_a + kk[None, :]
+        b_ptrs = b_ptr + s.to(tl.int64) * stride_bs + cols.to(tl.int64)[:, None] * stride_bn + kk[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if K % BLOCK_K == 0:
+                a_mask = m_ok[:, None]
+                b_mask = n_ok[:, None]
+            else:
+                a_mask = m_ok[:, None] & (kk[None, :] < K - k0)
+                b_mask = n_ok[:, None] & (kk[None, :] < K - k0)
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+            if SWIGLU:
+                up = tl.load(b_ptrs + up_offset, mask=b_mask, other=0.0)
+                if UPCAST:
+                    up = up.to(tl.float32)
+                acc_up = tl.dot(a, tl.trans(up), acc_up, input_precision=PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        if SWIGLU:
+            acc = acc * tl.sigmoid(acc) * acc_up
+        out = c_ptr + m.to(tl.int64)[:, None] * stride_c + cols[None, :]
+        tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _launch(a: torch.Tensor, rows: torch.Tensor | None, b: torch.Tensor, out: torch.Tensor,
+            table: tuple[torch.Tensor, torch.Tensor], offsets: torch.Tensor, n: int, swiglu: bool,
+            config: GemmConfig) -> None:
+    m_tiles = table[0].shape[0]
+    grid = (m_tiles * triton.cdiv(n, config.block_n),)
+    _grouped_gemm_kernel[grid](
+        a, a.stride(0), table[0] if rows is None else rows, b, b.stride(0), b.stride(1), out, out.stride(0),
+        table[0], table[1], offsets, m_tiles, b.shape[0], n * b.stride(1),  # the up rows follow the gate rows
+        N=n, K=a.shape[1], GATHER=rows is not None, SWIGLU=swiglu,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        # The interpreter multiplies bf16 as raw uint16 bits (triton 3.6): give it exact fp32 copies.
+        UPCAST=not a.is_cuda and a.dtype == torch.bfloat16,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def grouped_swiglu_triton(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                          assignments: int | None = None,
+                          configs: tuple[GemmConfig, GemmConfig] | None = None) -> torch.Tensor:
+    """kernels.expert_ffn.grouped_swiglu with the Triton kernels; `assignments` bounds offsets[-1] (host)."""
+    slots, inter2, hidden = w_gate_up.shape
+    total = groups.rows.shape[0] if assignments is None else assignments
+    ys = torch.empty((total, hidden), dtype=x.dtype, device=x.device)
+    if total == 0:
+        return ys
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    gate_up, down = configs or default_configs(triton.cdiv(total, slots), x.dtype)
+    if gate_up.block_m != down.block_m:
+        raise ValueError("both launches share one tile table: block_m must match")
+    table = tile_table(groups.offsets, gate_up.block_m, triton.cdiv(total, gate_up.block_m) + slots)
+    h = torch.empty((total, inter2 // 2), dtype=x.dtype, device=x.device)
+    _launch(x, groups.rows, w_gate_up.contiguous(), h, table, groups.offsets, inter2 // 2, True, gate_up)
+    _launch(h, None, w_down.contiguous(), ys, table, groups.offsets, hidden, False, down)
+    return ys

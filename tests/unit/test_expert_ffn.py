@@ -1,0 +1,234 @@
+"""kernels.expert_ffn and run_experts: the grouped Triton SwiGLU (interpreted on CPU) and torch._grouped_mm
+against the per-slot torch loop, the backend choice, and the GEMM configs compiled for the H200.
+
+Inputs are fresh each run (the seed is printed). The Triton kernels run in a worker process started
+with TRITON_INTERPRET=1 whose outputs are allocated poisoned (NaN), so unwritten rows show.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import multiprocessing
+import secrets
+from concurrent.futures import ProcessPoolExecutor
+from types import SimpleNamespace
+
+import pytest
+import sm90
+import torch
+
+from kernels import expert_ffn
+from kernels.expert_ffn import BACKEND_ENV, grouped_swiglu, grouped_swiglu_reference, select_backend
+from kernels.permute import group_by_slot
+from moe_runtime.experts import run_experts, run_experts_loop
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    seed = secrets.randbits(32)
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """Run a function of this module in an interpreter worker process."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        pool.submit(_start_worker).result(timeout=120)
+
+    def call(fn, *args, **kwargs):
+        return pool.submit(fn, *args, **kwargs).result(timeout=300)
+
+    yield call
+    pool.shutdown()
+
+
+def _start_worker() -> None:
+    import triton
+
+    for name, kernel in (("kernels.expert_ffn_triton", "_grouped_gemm_kernel"),
+                         ("kernels.permute_triton", "_unpermute_kernel")):
+        module = importlib.import_module(name)
+        assert not isinstance(getattr(module, kernel), triton.runtime.JITFunction), "not interpreted"
+        module.torch = _PoisonedTorch()
+
+
+class _PoisonedTorch:
+    """torch, except that `empty` returns NaN / -77-filled tensors."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        out = torch.empty(*size, dtype=dtype, device=device)
+        return out.fill_(math.nan if dtype.is_floating_point else -77)
+
+
+def _triton_ys(x, groups, w_gate_up, w_down, assignments, configs):
+    from kernels.expert_ffn_triton import GemmConfig, grouped_swiglu_triton
+
+    configs = None if configs is None else tuple(GemmConfig(*c) for c in configs)
+    return grouped_swiglu_triton(x, groups, w_gate_up, w_down, assignments, configs)
+
+
+def _run_experts(*args, **kwargs):
+    return run_experts(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def problem(gen: torch.Generator, rows: int, hidden: int, inter: int, slots: int, top_k: int,
+            dtype: torch.dtype, empty: int | None = None) -> dict:
+    """Received rows (strided, as unpack gives), slot ids with unused entries, weights, expert weights."""
+    x = torch.randn(rows, hidden + 8, generator=gen).to(dtype)[:, :hidden]
+    pick = torch.stack([torch.randperm(slots + 2, generator=gen)[:top_k] for _ in range(rows)])
+    ids = torch.where(pick >= slots, -1, pick).int()
+    if empty is not None:
+        ids[ids == empty] = -1
+    return dict(x=x, slots=ids, weights=torch.rand(rows, top_k, generator=gen),
+                w_gate_up=(torch.randn(slots, 2 * inter, hidden, generator=gen) / hidden ** 0.5).to(dtype),
+                w_down=(torch.randn(slots, hidden, inter, generator=gen) / inter ** 0.5).to(dtype))
+
+
+def upcast(p: dict) -> dict:
+    return {k: v.float() if v.is_floating_point() else v for k, v in p.items()}
+
+
+def sizes(slots: torch.Tensor, count: int) -> list[int]:
+    return [int((slots == s).sum()) for s in range(count)]
+
+
+# ---------------------------------------------------------------- tests
+
+CASES = [  # rows, hidden, inter, slots, top_k, empty slot
+    (1, 32, 16, 3, 1, None),
+    (9, 32, 16, 4, 3, 2),
+    (23, 40, 24, 5, 4, 0),
+    (40, 48, 16, 3, 2, None),
+]
+SMALL_TILES = ((16, 16, 16, 2, 4, 2), (16, 32, 16, 3, 4, 2))  # several tiles a slot, partial bands, K tails
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_triton_grouped_swiglu_matches_the_loop(gen, interpreted, case, dtype: torch.dtype) -> None:
+    rows, hidden, inter, slots, top_k, empty = case
+    p = problem(gen, rows, hidden, inter, slots, top_k, dtype, empty)
+    groups = group_by_slot(p["slots"], slots)
+    used = int(groups.offsets[-1])
+    ref = upcast(p)
+    want = grouped_swiglu_reference(ref["x"], groups, ref["w_gate_up"], ref["w_down"])[:used]
+    for configs in (None, SMALL_TILES):
+        got = interpreted(_triton_ys, p["x"], groups, p["w_gate_up"], p["w_down"], None, configs)
+        assert got.shape == (rows * top_k, hidden) and got.dtype == dtype
+        torch.testing.assert_close(got[:used].float(), want, **TOL[dtype])
+    got = interpreted(_triton_ys, p["x"], groups, p["w_gate_up"], p["w_down"], used, SMALL_TILES)
+    assert got.shape == (used, hidden)
+    torch.testing.assert_close(got.float(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_run_experts_triton_matches_the_loop(gen, interpreted, dtype: torch.dtype, exact: bool) -> None:
+    rows, hidden, inter, slots, top_k, empty = CASES[2]
+    p = problem(gen, rows, hidden, inter, slots, top_k, dtype, empty)
+    slot_sizes = sizes(p["slots"], slots) if exact else None
+    got = interpreted(_run_experts, **p, slot_sizes=slot_sizes, backend="triton")
+    assert got.shape == (rows, hidden) and got.dtype == dtype
+    want = run_experts_loop(**upcast(p), slot_sizes=slot_sizes)
+    torch.testing.assert_close(got.float(), want, **TOL[dtype])
+    torch.testing.assert_close(run_experts_loop(**upcast(p)), want, **TOL[torch.float32])
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no _grouped_mm")
+def test_grouped_mm_backend_matches_the_loop(gen) -> None:
+    rows, hidden, inter, slots, top_k, empty = CASES[1]
+    p = problem(gen, rows, hidden, inter, slots, top_k, torch.bfloat16, empty)
+    want = run_experts_loop(**upcast(p))
+    for slot_sizes in (None, sizes(p["slots"], slots)):
+        got = run_experts(**p, slot_sizes=slot_sizes, backend="grouped_mm")
+        torch.testing.assert_close(got.float(), want, **TOL[torch.bfloat16])
+
+
+def test_grouped_swiglu_refuses_the_loop_backend(gen) -> None:
+    p = problem(gen, 2, 32, 16, 2, 1, torch.float32)
+    with pytest.raises(ValueError, match="'triton' or 'grouped_mm'"):
+        grouped_swiglu(p["x"], group_by_slot(p["slots"], 2), p["w_gate_up"], p["w_down"], "loop")
+
+
+def test_tile_table_names_each_tiles_slot_and_first_row() -> None:
+    from kernels.expert_ffn_triton import tile_table
+
+    counts = [5, 0, 16, 1]
+    offsets = torch.tensor([0, 5, 5, 21, 22], dtype=torch.int32)
+    slot, row = tile_table(offsets, 8, 9)
+    want = [(s, sum(counts[:s]) + 8 * i) for s, n in enumerate(counts) for i in range(-(-n // 8))]
+    assert list(zip(slot.tolist()[:len(want)], row.tolist()[:len(want)], strict=True)) == want
+    assert slot.tolist()[len(want):] == [len(counts)] * (9 - len(want))
+
+
+def fake_cuda(dtype: torch.dtype) -> SimpleNamespace:
+    return SimpleNamespace(is_cuda=True, dtype=dtype, shape=(64, 7168), device="cuda:0")
+
+
+@pytest.mark.parametrize("dtype, rows, host_sizes, capability, want", [
+    (torch.bfloat16, 8 * 16, False, (9, 0), "triton"),
+    (torch.bfloat16, 8 * 64, True, (9, 0), "triton"),
+    (torch.bfloat16, 8 * 65, False, (9, 0), "grouped_mm"),
+    (torch.bfloat16, 8 * 512, True, (8, 0), "triton"),
+    (torch.float32, 8 * 512, True, (9, 0), "loop"),
+    (torch.float32, 8 * 512, False, (9, 0), "triton"),
+    (torch.float16, 8 * 512, True, (9, 0), "triton"),
+])
+def test_select_backend_by_dtype_and_rows_per_slot(monkeypatch, dtype, rows, host_sizes, capability,
+                                                   want) -> None:
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setattr(expert_ffn.torch.cuda, "get_device_capability", lambda device: capability)
+    assert select_backend(fake_cuda(dtype), 8, 2048, rows, host_sizes) == want
+    assert select_backend(torch.zeros(2, 2, dtype=dtype), 8, 2048, rows, host_sizes) == "loop"
+
+
+def test_select_backend_env_override(monkeypatch) -> None:
+    monkeypatch.setattr(expert_ffn.torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.setenv(BACKEND_ENV, "loop")
+    assert select_backend(fake_cuda(torch.bfloat16), 8, 2048, 8, False) == "loop"
+    monkeypatch.setenv(BACKEND_ENV, "grouped_mm")
+    with pytest.raises(ValueError, match="cannot take torch.float32"):
+        select_backend(fake_cuda(torch.float32), 8, 2048, 8, False)
+    monkeypatch.setenv(BACKEND_ENV, "cutlass")
+    with pytest.raises(ValueError, match="expected one of"):
+        select_backend(fake_cuda(torch.bfloat16), 8, 2048, 8, False)
+
+
+# ---------------------------------------------------------------- compiled for the H200 (no GPU needed)
+
+
+@pytest.mark.parametrize("dtype, rows_per_slot", [(torch.bfloat16, 8), (torch.bfloat16, 32),
+                                                  (torch.bfloat16, 64), (torch.bfloat16, 512),
+                                                  (torch.float32, 64)])
+@pytest.mark.skipif(not sm90.AVAILABLE, reason="triton without its CUDA backend")
+def test_default_gemm_configs_compile_for_h200_without_spills(dtype: torch.dtype, rows_per_slot: int) -> None:
+    from kernels.expert_ffn_triton import _grouped_gemm_kernel, default_configs
+
+    ty = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    ints = ("stride_a", "stride_bs", "stride_bn", "stride_c", "up_offset")
+    signature = {**dict.fromkeys(("a_ptr", "b_ptr", "c_ptr"), f"*{ty}"), **dict.fromkeys(ints, "i32"),
+                 **dict.fromkeys(("rows_ptr", "tile_slot_ptr", "tile_row_ptr", "offsets_ptr"), "*i32"),
+                 "m_tiles": "i32", "slots": "i32"}
+    aligned = [k for k in signature if k not in ("m_tiles", "slots")]
+    for config, swiglu, (n, k) in zip(default_configs(rows_per_slot, dtype), (True, False),
+                                      ((2048, 7168), (7168, 2048)), strict=True):
+        constexprs = dict(N=n, K=k, GATHER=swiglu, SWIGLU=swiglu, UPCAST=False,
+                          PRECISION="ieee" if ty == "fp32" else "tf32", BLOCK_M=config.block_m,
+                          BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m)
+        kernel, _ = sm90.compile_sm90(_grouped_gemm_kernel, signature, constexprs, aligned, config.num_warps,
+                                      config.num_stages)
+        if ty == "bf16" and config.block_m >= 64:
+            assert "warp_group_dot" in kernel.asm["ttgir"], "expected wgmma on sm_90a"
