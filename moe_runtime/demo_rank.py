@@ -20,12 +20,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kernels.permute import drop_overflow
 from moe_runtime.config import DispatchConfig, MoEConfig
 from moe_runtime.controller import ControllerConfig, PlanController
 from moe_runtime.counters import Counters
 from moe_runtime.group import ep_group
 from moe_runtime.layer import EPMoEStack
-from moe_runtime.placement import RuntimePlacement
+from moe_runtime.placement import RuntimePlacement, choose_replicas
 from moe_runtime.reference import LogicalWeights, dense_stack
 from moe_runtime.telemetry import TelemetryConfig
 
@@ -106,7 +107,8 @@ def _serve(args: DemoRankArgs, rank: int) -> dict:
                 out = stack(x)
             if check_next or controller.migrating:
                 with torch.no_grad():
-                    ref = dense_stack(x, weights, cfg, selection_bias=bias)
+                    ref = dense_stack(x, weights, cfg, selection_bias=bias,
+                                      keep=_drop_rule(stack, placement, rank, args.tokens, cfg.top_k))
                 max_err = max(max_err, float((out - ref).abs().max() / ref.abs().max()))
                 checks += 1
             before = placement.version
@@ -118,6 +120,21 @@ def _serve(args: DemoRankArgs, rank: int) -> dict:
         controller.close()
     return {"rank": rank, "step_ms": step_ms, "versions": versions, "max_rel_err": max_err, "checks": checks,
             "migrated_bytes": controller.migrated_bytes, "args": asdict(args)}
+
+
+def _drop_rule(stack: EPMoEStack, placement: RuntimePlacement, rank: int, tokens: int, top_k: int):
+    """What the drop policy keeps, for the reference: the same replica choice and per-slot capacity the
+    dispatch applies (None while no capacity factor is in force)."""
+    dispatch = stack.layers[0].dispatch_config
+    if dispatch.capacity_factor is None:
+        return None
+    capacity = dispatch.capacity(tokens, top_k, placement.slots)
+
+    def keep(layer: int, r) -> torch.Tensor:
+        phys = choose_replicas(r.ids, placement.log_to_phys[layer], placement.replicas[layer], offset=rank)
+        return drop_overflow(phys, r.weights, capacity)[0]
+
+    return keep
 
 
 def main(argv: list[str]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,14 +47,19 @@ def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch
 
 
 def dense_moe(x: torch.Tensor, w: LogicalWeights, cfg: MoEConfig,
-              selection_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, RouteOutput]:
-    """The MoE block on x [T, H] with every expert local; returns the output and the routing."""
+              selection_bias: torch.Tensor | None = None,
+              keep: Callable[[RouteOutput], torch.Tensor] | None = None) -> tuple[torch.Tensor, RouteOutput]:
+    """The MoE block on x [T, H] with every expert local; returns the output and the routing.
+
+    ``keep(route) -> [T, k] bool`` leaves out the assignments a drop policy dropped.
+    """
     logits = F.linear(x, w.router, w.router_bias)
     r = route_reference(logits, cfg.routing_spec(), correction_bias=w.correction_bias,
                         selection_bias=selection_bias)
+    ids = r.ids if keep is None else torch.where(keep(r), r.ids, -1)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(cfg.experts):
-        token, j = (r.ids == e).nonzero(as_tuple=True)
+        token, j = (ids == e).nonzero(as_tuple=True)
         y = _swiglu(x[token], w.w_gate_up[e], w.w_down[e]).float()
         out.index_add_(0, token, y * r.weights[token, j].unsqueeze(1))
     if w.shared_gate_up is not None:
@@ -61,9 +68,12 @@ def dense_moe(x: torch.Tensor, w: LogicalWeights, cfg: MoEConfig,
 
 
 def dense_stack(x: torch.Tensor, weights: list[LogicalWeights], cfg: MoEConfig,
-                selection_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x + moe_l(rms_norm(x)) for each layer l, as EPMoEStack computes it."""
+                selection_bias: torch.Tensor | None = None,
+                keep: Callable[[int, RouteOutput], torch.Tensor] | None = None) -> torch.Tensor:
+    """x + moe_l(rms_norm(x)) for each layer l, as EPMoEStack computes it; ``keep(layer, route)`` as in
+    :func:`dense_moe`."""
     for layer, w in enumerate(weights):
         bias = None if selection_bias is None else selection_bias[layer]
-        x = x + dense_moe(F.rms_norm(x, (x.shape[1],), eps=NORM_EPS), w, cfg, bias)[0]
+        keep_l = None if keep is None else functools.partial(keep, layer)
+        x = x + dense_moe(F.rms_norm(x, (x.shape[1],), eps=NORM_EPS), w, cfg, bias, keep_l)[0]
     return x
