@@ -162,7 +162,10 @@ class Daemon:
         `run` command handles SIGHUP there)."""
         if self.api is not None:
             self.api.start()
-        self.metrics = Metrics.start(self.config.metrics, self.log, self.saved)
+        try:
+            self.metrics = Metrics.start(self.config.metrics, self.log, self.saved)
+        except ImportError as exc:  # a node without the OpenTelemetry packages still balances
+            self.log.error("metrics are off: OpenTelemetry is not installed", reason=exc)
         self.log.info("balancerd started", pid=os.getpid(), runtime_dir=self.runtime_dir,
                       state_dir=self.state_dir, socket=self.socket_path)
         while not self._stopping:

@@ -256,7 +256,7 @@ def count_syncs(fn: Callable[[], object]) -> int:
         finally:
             torch.cuda.set_sync_debug_mode("default")
             torch.set_warn_always(always)
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return sum("called a synchronizing" in str(w.message) for w in caught)
 
 
 def sync_case(group: EPGroup, model: str, mode: str, tokens: int, seed: int) -> dict:

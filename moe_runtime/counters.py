@@ -48,8 +48,11 @@ class Counters:
         self.dropped = torch.zeros(layers, dtype=torch.int64, device=device)
         self.bias_changed = torch.zeros(layers, dtype=torch.int64, device=device)
         self.record = torch.ones((), dtype=torch.int32, device=device)
+        self.timing = True  # whether this step's phases are timed (see set_timing)
         self._us = {phase: np.zeros(layers) for phase in PHASES}
+        self._samples = {phase: np.zeros(layers, np.int64) for phase in PHASES}
         self._pending: deque[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] = deque()
+        self._free_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def host_buffers(self) -> CounterSnapshot:
         """Host tensors shaped like the counters, for `snapshot_into`."""
@@ -75,18 +78,28 @@ class Counters:
     def set_recording(self, on: bool) -> None:
         self.record.fill_(int(on))
 
+    def set_timing(self, on: bool) -> None:
+        """Time the phases of the coming step or not. Timing every step costs a few event records per
+        layer; the telemetry publisher samples one step in `timing_every`, which is enough for means."""
+        self.timing = on
+
     @contextmanager
     def timed(self, phase: str, layer: int):
-        """Time the enclosed phase of `layer` (skipped while a CUDA graph is being captured)."""
+        """Time the enclosed phase of `layer` on timed steps (never while a CUDA graph is captured)."""
+        if not self.timing:
+            yield
+            return
         if self.device.type != "cuda":
             start = time.perf_counter()
             yield
             self._us[phase][layer] += (time.perf_counter() - start) * 1e6
+            self._samples[phase][layer] += 1
             return
         if torch.cuda.is_current_stream_capturing():
             yield
             return
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = self._free_events.pop() if self._free_events else (
+            torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         start.record()
         yield
         end.record()
@@ -97,11 +110,17 @@ class Counters:
         while self._pending and self._pending[0][3].query():
             phase, layer, start, end = self._pending.popleft()
             self._us[phase][layer] += start.elapsed_time(end) * 1e3
+            self._samples[phase][layer] += 1
+            self._free_events.append((start, end))
 
-    def drain_timings(self) -> dict[str, np.ndarray]:
-        """Microseconds per phase and layer completed since the last drain (never waits on the GPU)."""
+    def drain_timings(self, mean: bool = False) -> dict[str, np.ndarray]:
+        """Microseconds per phase and layer completed since the last drain (never waits on the GPU):
+        summed over the timed steps, or with ``mean`` averaged over them (0 where none completed)."""
         self._collect()
-        out = {phase: us.copy() for phase, us in self._us.items()}
-        for us in self._us.values():
+        out = {}
+        for phase, us in self._us.items():
+            n = self._samples[phase]
+            out[phase] = np.divide(us, n, out=np.zeros_like(us), where=n > 0) if mean else us.copy()
             us.fill(0.0)
+            n.fill(0)
         return out

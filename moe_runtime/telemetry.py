@@ -39,6 +39,7 @@ class TelemetryConfig:
     interval_steps: int = 16
     ring_capacity: int = 64
     global_view: bool = True       # all-reduce routed counts so every daemon sees the global load
+    timing_every: int = 4          # time the phases of one step in this many (means need no more)
     max_pending: int = 4
     directory: str | None = None   # None: balancerd.protocol.runtime_dir()
 
@@ -49,6 +50,8 @@ class TelemetryConfig:
             raise ValueError(f"TelemetryConfig.ring_capacity must be >= 2, got {self.ring_capacity}")
         if self.max_pending < 1:
             raise ValueError(f"TelemetryConfig.max_pending must be >= 1, got {self.max_pending}")
+        if self.timing_every < 1:
+            raise ValueError(f"TelemetryConfig.timing_every must be >= 1, got {self.timing_every}")
 
 
 @dataclass
@@ -117,6 +120,7 @@ class TelemetryPublisher:
         """Account one finished step; on a publish step, publish and return the host buffer of the
         reduced ``extra`` words (valid once :meth:`last_done` completes), else None."""
         self._tokens += tokens
+        self.counters.set_timing((step + 1) % self.config.timing_every == 0)
         if not self.is_publish_step(step):
             return None
         c = self.counters
@@ -140,11 +144,11 @@ class TelemetryPublisher:
         self._last_done = done
         if full:
             self.discarded += 1
-            c.drain_timings()
+            c.drain_timings(mean=True)
         else:
             self._queue.put(_Snapshot(self._first_step, step, self._tokens, placement_version, reduced,
                                       host.routed, host.received, host.dropped, host.bias_changed, done,
-                                      self._mark(), c.drain_timings()))
+                                      self._mark(), c.drain_timings(mean=True)))
         self._first_step, self._tokens = step + 1, 0
         return reduced[L_E:]
 
@@ -182,8 +186,8 @@ class TelemetryPublisher:
                 first_step=snap.first_step, last_step=snap.last_step, tokens=snap.tokens,
                 placement_version=snap.placement_version, routed=snap.routed.numpy(),
                 global_routed=global_routed, received=snap.received.numpy(),
-                dispatch_us=snap.timings["dispatch"] / steps, combine_us=snap.timings["combine"] / steps,
-                expert_us=snap.timings["expert"] / steps, step_us=step_us, dropped=snap.dropped.numpy(),
+                dispatch_us=snap.timings["dispatch"], combine_us=snap.timings["combine"],
+                expert_us=snap.timings["expert"], step_us=step_us, dropped=snap.dropped.numpy(),
                 bias_changed=snap.bias_changed.numpy(),
             )
 
