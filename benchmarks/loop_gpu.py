@@ -56,9 +56,7 @@ from runtime_gpu import (  # noqa: E402
     DTYPES,
     Results,
     default_out,
-    device_weights,
     init_distributed,
-    load_layers,
     log,
     max_over_ranks,
     record,
@@ -74,6 +72,7 @@ from moe_runtime import Counters, DispatchConfig, EPGroup, EPMoEStack, MoEConfig
 from moe_runtime.controller import ControllerConfig, PlanController  # noqa: E402
 from moe_runtime.demo_rank import zipf_router_bias  # noqa: E402
 from moe_runtime.reference import dense_stack  # noqa: E402
+from moe_runtime.synthetic import device_weights, load_layers  # noqa: E402
 from moe_runtime.telemetry import TelemetryConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
