@@ -16,6 +16,11 @@ COMMANDS = {
     "plan": "balancerd.commands.plan",
     "check-config": "balancerd.commands.check_config",
     "demo": "balancerd.commands.demo",
+    "tui": "balancerd.commands.tui",
+    "bench": "balancerd.commands.bench",
+    "advise": "balancerd.commands.advise",
+    "simulate": "balancerd.commands.simulate",
+    "record": "balancerd.commands.record",
 }
 
 SUMMARIES = {
@@ -24,6 +29,11 @@ SUMMARIES = {
     "plan": "plan expert placement for a load file (offline; JSON or SGLang output)",
     "check-config": "validate a configuration file (exit 2 naming the bad key)",
     "demo": "the closed loop on CPU processes: imbalance found, planned and fixed",
+    "tui": "the on-call console: live imbalance, heatmaps, stragglers, plans and actions (--once: text)",
+    "bench": "measure EP serving on this host's GPUs (bench ep): throughput, TPOT, all-to-all share",
+    "advise": "predict TPOT of every EP / TP x EP layout that fits on G GPUs and recommend one",
+    "simulate": "replay a count trace through detection and the planner on a cluster of any size",
+    "record": "record a count trace from the live telemetry rings (for simulate)",
 }
 
 
