@@ -382,7 +382,7 @@ def run_case(group: EPGroup, args: argparse.Namespace, tokens: int, planner, run
     skew = zipf_router_bias(cfg.layers, cfg.experts, args.skew, args.seed + 1)
     placement = RuntimePlacement.initial(cfg.layers, cfg.experts, group.world, k, device)
     counters = Counters(cfg.layers, cfg.experts, k, device)
-    stack = EPMoEStack(cfg, group, placement, dispatch=DispatchConfig("exact"), counters=counters,
+    stack = EPMoEStack(cfg, group, placement, dispatch=DispatchConfig(args.dispatch), counters=counters,
                        dtype=dtype)
     weights = load_layers(stack, lambda i: device_weights(cfg, i, args.seed, device, dtype, skew[i]),
                           keep=args.reference)
@@ -451,6 +451,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=8, help="MoE layers (Qwen3-235B has 94)")
     p.add_argument("--extra-slots", type=int, default=2, help="slots per rank beyond experts / world")
     p.add_argument("--skew", type=float, default=1.1, help="Zipf exponent of the router bias")
+    p.add_argument("--dispatch", choices=("exact", "capacity"), default="exact",
+                   help="exact: variable all-to-all (one sync a layer); capacity: padded, no sync")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="weights and activations")
     p.add_argument("--warmup", type=int, default=16, help="steps")
     p.add_argument("--static-steps", type=int, default=64, help="timed steps on the initial placement")
@@ -499,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime = Path(setup[0]) / "run"
         log(group, f"loop_gpu: world {group.world} on {group.device.type}, {cfg.layers} layers of "
                    f"{cfg.name} (hidden {cfg.hidden}, {cfg.experts} experts), skew {args.skew}, "
+                   f"{args.dispatch} dispatch, "
                    f"planner {planner.name if planner else ''}, out {args.out}")
         results = Results(args.out, "loop", COLUMNS, group.rank == 0)
         steps: list[dict] = []
