@@ -14,6 +14,7 @@ import os
 import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,7 +44,7 @@ from balancerd.detect import (
 from balancerd.ingest import STALE_AFTER_S, Ingest, Interval, JobFeed
 from balancerd.log import Log
 from balancerd.metrics import Metrics
-from balancerd.placement import PlacementError, Topology, validate_placement
+from balancerd.placement import PlacementError, Topology, replica_counts, validate_placement
 from balancerd.policy import capacity_factor_for, control_policy, decide_push, moe_share, token_bias
 from balancerd.protocol import (
     ControlPlan,
@@ -58,6 +59,9 @@ from balancerd.state import JobState, StateError, StateStore
 from balancerd.window import LoadWindow
 
 PLAN_STATES_FINAL = ("applied", "rejected", "superseded")
+RATIO_HISTORY = 32        # intervals of per-layer max/min kept for the status API
+DIFF_LIMIT = 256          # placement diff entries in a plan answer; the rest are counted
+EXPERT_LOAD_LAYERS = 64   # layers in one expert_load answer at most
 
 
 @dataclass
@@ -74,13 +78,24 @@ class PlanRecord:
     state: str = "pending"       # pending | applied | rejected | unacknowledged | superseded
     acks: dict[int, str] = field(default_factory=dict)
     rejection: dict | None = None
+    realised: dict | None = None  # {"mean", "worst"} over the first full window served at this version
 
     def to_dict(self, now: float) -> dict:
         return {"version": self.version, "generation": f"{self.generation:x}", "policy": self.policy,
                 "source": self.source, "published": self.published_s,
                 "age_s": round(max(0.0, now - self.published_s), 3), "reason": self.reason,
                 "state": self.state, "acks": {str(r): a for r, a in sorted(self.acks.items())},
-                "rejection": self.rejection, **self.summary}
+                "rejection": self.rejection, "realised_balancedness": self.realised, **self.summary}
+
+
+@dataclass
+class Realising:
+    """An applied plan waiting for a sliding window made only of intervals served at its version:
+    those that start at or after ``start_step``, a step the ranks had reached once serving it."""
+
+    plan: PlanRecord
+    start_step: int
+    intervals: int = 0
 
 
 @dataclass
@@ -116,6 +131,8 @@ class JobRun:
         self.control_version = 0                 # newest version found in the block when attaching
         self.last_plan: PlanRecord | None = None
         self.last_interval: Interval | None = None
+        self.realising: Realising | None = None
+        self.ratio_history: deque[np.ndarray] = deque(maxlen=RATIO_HISTORY)  # [L] max/min, oldest first
 
     def same_model(self, feed: JobFeed) -> bool:
         return (feed.world, feed.shape) == (self.world, self.shape)
@@ -249,7 +266,7 @@ class Daemon:
         self._track_acks(job, run, feed, now)
         if not intervals:
             return
-        _, served = feed.served_placement(self.log)
+        version, served = feed.served_placement(self.log)
         topo = Topology(gpus=feed.world, slots=feed.slots)
         for iv in intervals:  # the detector advances once per interval, whatever the poll rate
             run.window.add(iv.counts, iv.wall_s)
@@ -258,6 +275,8 @@ class Daemon:
             view = WindowView(counts=counts, assignments=_assignments(counts), phys_to_log=served, topo=topo)
             run.detector, run.detection = detect(run.detector, view, now, self.config.detect)
             d = run.detection
+            run.ratio_history.append(d.max_min)
+            self._measure_realised(job, run, iv, version)
             if d.newly_flagged:
                 worst = max(d.newly_flagged, key=lambda i: d.max_min[i])
                 self.log.info("layers imbalanced", job=job, layers=_layer_list(d.newly_flagged),
@@ -349,6 +368,7 @@ class Daemon:
             self._resolve(job, plan, "rejected", why)
         elif statuses and all(plan.acks.get(r) == "applied" for r in statuses):
             self._resolve(job, plan, "applied", f"applied by ranks {sorted(statuses)}")
+            run.realising = Realising(plan, max(st.step for st in statuses.values()))
         elif plan.state == "pending" and now - plan.published_s > self.policy_config(job).ack_timeout_s:
             plan.state = "unacknowledged"
             self.log.warning("plan not acknowledged in time", job=job, version=plan.version,
@@ -367,9 +387,29 @@ class Daemon:
             if entry["version"] == plan.version:
                 entry["state"] = plan.state
                 entry["rejection"] = plan.rejection
+                entry["realised_balancedness"] = plan.realised
         self._save()
 
     # -- measurements -------------------------------------------------------------------------------
+
+    def _measure_realised(self, job: str, run: JobRun, iv: Interval, served_version: int) -> None:
+        """Count an interval towards the applied plan's first full window; once the window holds only
+        such intervals, its balancedness is the plan's realised one. A plan no longer served is dropped."""
+        r = run.realising
+        if r is None or iv.first_step < r.start_step:
+            return
+        if served_version != r.plan.version:
+            run.realising = None
+            return
+        r.intervals += 1
+        if r.intervals < run.window.sliding.intervals:
+            return
+        bal = run.detection.balancedness
+        r.plan.realised = {"mean": _fmt(bal.mean()), "worst": _fmt(bal.max())}
+        run.realising = None
+        self.log.info("plan measured", job=job, version=r.plan.version, mean=r.plan.realised["mean"],
+                      worst=r.plan.realised["worst"])
+        self._record_outcome(job, r.plan)
 
     def _measure_ranks(self, job: str, run: JobRun, feed: JobFeed, counts: np.ndarray, served: np.ndarray,
                        topo: Topology) -> None:
@@ -506,7 +546,8 @@ class Daemon:
         saved.last_version = version
         saved.record({"version": version, "generation": f"{proposal.generation:x}", "policy": proposal.policy,
                       "source": source, "published": now, "reason": proposal.reason, "state": "pending",
-                      "rejection": None, **proposal.summary}, self.store.history_limit)
+                      "rejection": None, "realised_balancedness": None, **proposal.summary},
+                     self.store.history_limit)
         self._save()
         self.log.info("plan published", job=job, version=version, policy=proposal.policy, source=source,
                       reason=proposal.reason)
@@ -525,7 +566,8 @@ class Daemon:
         """Serve one API request (called from the API threads)."""
         op = request["op"]
         handlers = {"status": self._api_status, "pause": self._api_mode, "resume": self._api_mode,
-                    "set_policy": self._api_set_policy, "plan": self._api_plan}
+                    "set_policy": self._api_set_policy, "plan": self._api_plan,
+                    "expert_load": self._api_expert_load}
         if op not in handlers:
             raise RequestError(f"unknown op {op!r}; expected one of {', '.join(handlers)}")
         with self._lock:
@@ -565,14 +607,17 @@ class Daemon:
         self._save()
         return {"jobs": jobs, "policy": kind}
 
+    def _one_job(self, request: dict) -> str:
+        jobs = self._jobs_named(request)
+        if len(jobs) != 1:
+            raise RequestError(f"several jobs are running ({', '.join(jobs)}); name one with 'job'")
+        return jobs[0]
+
     def _api_plan(self, request: dict, peer: Peer) -> dict:
         dry_run = request.get("dry_run", True)
         if not isinstance(dry_run, bool):
             raise RequestError(f"dry_run must be true or false, got {dry_run!r}")
-        jobs = self._jobs_named(request)
-        if len(jobs) != 1:
-            raise RequestError(f"several jobs are running ({', '.join(jobs)}); name one with 'job'")
-        job = jobs[0]
+        job = self._one_job(request)
         run, feed = self.runs[job], self.ingest.jobs[job]
         if len(run.window) == 0:
             raise RequestError(f"job {job}: no load measured yet")
@@ -580,6 +625,7 @@ class Daemon:
             raise RequestError(f"job {job}: this daemon does not see rank 0, so it does not plan for the job")
         self.log.info("api: plan", uid=peer.uid, job=job, dry_run=dry_run)
         try:
+            _, served = feed.served_placement(self.log)
             proposal = self._propose(job, run, feed)
             would_push, reason = proposal.push, proposal.reason
             if not dry_run and not proposal.push:
@@ -588,8 +634,29 @@ class Daemon:
                                                          f"api uid={peer.uid}")
         except PlacementError as exc:
             raise RequestError(f"job {job}: {exc}") from None
+        topo = Topology(gpus=feed.world, slots=feed.slots)
+        diff, truncated = _placement_diff(served, proposal.phys_to_log, topo)
         return {"job": job, "dry_run": dry_run, "policy": proposal.policy, "would_push": would_push,
-                "reason": reason, "published_version": version, **proposal.summary}
+                "reason": reason, "published_version": version, **proposal.summary,
+                "diff": diff, "diff_truncated": truncated}
+
+    def _api_expert_load(self, request: dict, peer: Peer) -> dict:
+        """Window tokens and served replicas per expert for layers ``first`` .. ``first + count - 1``
+        (``count`` cut to the layers there are and to EXPERT_LOAD_LAYERS)."""
+        job = self._one_job(request)
+        run, feed = self.runs[job], self.ingest.jobs[job]
+        layers, experts = feed.shape.layers, feed.shape.experts
+        first, count = request.get("first", 0), request.get("count", EXPERT_LOAD_LAYERS)
+        if not _is_int(first) or not 0 <= first < layers:
+            raise RequestError(f"first must be a layer in [0, {layers}), got {first!r}")
+        if not _is_int(count) or count < 1:
+            raise RequestError(f"count must be an integer >= 1, got {count!r}")
+        self.log.debug("api: expert_load", uid=peer.uid, job=job, first=first, count=count)
+        rows = slice(first, first + min(count, EXPERT_LOAD_LAYERS))
+        _, served = feed.served_placement(self.log)
+        return {"job": job, "first": first, "layers": layers, "experts": experts,
+                "load": run.window.sliding.sum()[rows].astype(np.int64).tolist(),
+                "replicas": replica_counts(served[rows], experts).tolist()}
 
     # -- the state snapshot -------------------------------------------------------------------------
 
@@ -615,9 +682,10 @@ class Daemon:
     def _job_snapshot(self, job: str, run: JobRun, feed: JobFeed, now: float) -> dict:
         saved = self.saved.get(job, JobState())
         pcfg = self.policy_config(job)
-        version, _ = feed.served_placement(self.log)
+        version, served = feed.served_placement(self.log)
         d = run.detection
         counts = run.window.sliding.sum()
+        gpu_load = layer_loads(counts, served, Topology(gpus=feed.world, slots=feed.slots))
         return {
             "generation": f"{feed.generation:x}", "world": feed.world, "layers": feed.shape.layers,
             "experts": feed.shape.experts, "slots": feed.slots, "slots_per_rank": feed.shape.slots_per_rank,
@@ -635,8 +703,10 @@ class Daemon:
             "per_layer": [] if d is None else [
                 {"layer": i, "max_min": _fmt(d.max_min[i]), "balancedness": _fmt(d.balancedness[i]),
                  "flagged": i in d.flagged,
-                 "mismatch": None if run.mismatch is None else _fmt(run.mismatch[i])}
+                 "mismatch": None if run.mismatch is None else _fmt(run.mismatch[i]),
+                 "max_min_history": [_fmt(h[i]) for h in run.ratio_history]}
                 for i in range(len(d.max_min))],
+            "gpu_load": [[_fmt(x) for x in row] for row in gpu_load],
             "flagged": [] if d is None else list(d.flagged),
             "detection": None if d is None else {
                 "counted": d.counted, "should_plan": d.should_plan, "reason": d.reason,
@@ -706,6 +776,21 @@ def _check_plan(proposal: Proposal, feed: JobFeed) -> None:
         raise PlacementError("selection bias must be finite and <= 0")
     if proposal.capacity_factor != 0.0 and not proposal.capacity_factor > 1.0:
         raise PlacementError(f"capacity factor {proposal.capacity_factor} must be 0 (off) or > 1")
+
+
+def _placement_diff(old: np.ndarray, new: np.ndarray, topo: Topology) -> tuple[list[dict], int]:
+    """The first DIFF_LIMIT slots whose expert changes from ``old`` to ``new`` [L, S] (by layer, then
+    slot) as ``{"layer", "slot", "gpu", "from", "to"}``, and how many more there are."""
+    changed = np.argwhere(old != new)
+    diff = [{"layer": int(layer), "slot": int(slot), "gpu": int(topo.gpu_of_slot[slot]),
+             "from": int(old[layer, slot]), "to": int(new[layer, slot])}
+            for layer, slot in changed[:DIFF_LIMIT]]
+    return diff, len(changed) - len(diff)
+
+
+def _is_int(x: object) -> bool:
+    """A JSON integer (not a bool, which Python counts as one)."""
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _drain(fd: int) -> None:
