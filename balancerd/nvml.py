@@ -39,8 +39,11 @@ class Gpus:
     @classmethod
     def open(cls, log: Log) -> Gpus | None:
         """Initialise NVML and list the GPUs; None (with one log line) when there is nothing to read."""
-        import pynvml
-
+        try:
+            import pynvml
+        except ImportError:
+            log.info("nvidia-ml-py is not installed; GPU metrics are off")
+            return None
         try:
             pynvml.nvmlInit()
         except pynvml.NVMLError as exc:
