@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
@@ -26,7 +27,7 @@ from typing import TextIO
 import numpy as np
 
 from balancerd.api import ApiClient, DaemonUnavailable
-from balancerd.protocol import SegmentError, StatusReader, TelemetryReader, ring_path, status_path
+from balancerd.protocol import SegmentError, TelemetryReader, read_status, ring_path, status_path
 
 POLICIES = ("placement", "token", "drop")
 JOB = "demo"
@@ -129,15 +130,8 @@ class _Watcher:
                    for s in steps)
 
     def statuses(self):
-        out = []
-        for rank in range(self.ranks):
-            try:
-                reader = StatusReader.open(status_path(self.runtime, JOB, rank))
-            except SegmentError:
-                continue
-            out.append(reader.read())
-            reader.close()
-        return out
+        """Each rank's status (None where there is none yet)."""
+        return [read_status(status_path(self.runtime, JOB, rank)) for rank in range(self.ranks)]
 
     def close(self) -> None:
         for reader in self.readers.values():
@@ -150,8 +144,10 @@ def _ratios(loads: np.ndarray) -> tuple[float, float]:
     return float(np.mean(mx / np.maximum(mn, 1))), float(np.mean(mx / np.maximum(mean, 1e-9)))
 
 
-def run_demo(opts: DemoOptions, out: TextIO = sys.stdout, progress: bool = True) -> dict:
-    """Run the loop and return the report (the `--json` object)."""
+def run_demo(opts: DemoOptions, out: TextIO = sys.stdout, progress: bool = True,
+             on_ready: Callable[[Path], None] | None = None) -> dict:
+    """Run the loop and return the report (the `--json` object). ``on_ready(socket)`` is called once
+    the daemon answers on its API socket and the ranks have started (the console attaches there)."""
     work = Path(tempfile.mkdtemp(prefix="balancerd-demo-"))
     runtime, state, results = work / "run", work / "state", work / "results"
     for d in (runtime, state, results):
@@ -179,6 +175,8 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout, progress: bool = True)
             ranks.append(subprocess.Popen(
                 [sys.executable, "-m", "moe_runtime.demo_rank", str(work / "rank_args.json"), str(r)],
                 env=env, stdout=subprocess.DEVNULL, stderr=open(work / f"rank{r}.log", "wb")))
+        if on_ready is not None:
+            on_ready(runtime / "balancerd.sock")
         deadline = time.monotonic() + opts.timeout_s
         shown = 0
         while any(p.poll() is None for p in ranks):
