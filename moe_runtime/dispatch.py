@@ -23,7 +23,7 @@ class Received(NamedTuple):
     slots: torch.Tensor            # [R, k] int32 local slot ids, -1 unused
     weights: torch.Tensor          # [R, k] float32
     slot_sizes: list[int] | None   # exact mode: assignments per local slot, on the host
-    received: torch.Tensor         # [K] int64 assignments per local slot
+    received: torch.Tensor         # [K] int32 assignments per local slot
     dropped: torch.Tensor | None   # capacity mode: 0-d int64 assignments dropped at the source
 
 
@@ -34,9 +34,9 @@ class ReturnPath(NamedTuple):
 
 
 def _received_per_slot(slots: torch.Tensor, k: int) -> torch.Tensor:
-    counts = torch.zeros(k + 1, dtype=torch.int64, device=slots.device)
+    counts = torch.zeros(k + 1, dtype=torch.int32, device=slots.device)
     counts.index_add_(0, torch.where(slots < 0, k, slots).reshape(-1).long(),
-                      torch.ones(slots.numel(), dtype=torch.int64, device=slots.device))
+                      torch.ones(slots.numel(), dtype=torch.int32, device=slots.device))
     return counts[:k]
 
 
@@ -69,7 +69,8 @@ def dispatch(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: 
     recv_splits = recv_host[:, 0].tolist()
     buf = pack(x, dest, local, weights, routes.send, sum(send_splits))
     rx, slots, w = unpack(group.all_to_all(buf, recv_splits, send_splits), x.shape[1], top_k)
-    return (Received(rx, slots, w, recv_host[:, 1:].sum(0).tolist(), recv_counts[:, 1:].sum(0), None),
+    received = recv_counts[:, 1:].sum(0, dtype=torch.int32)
+    return (Received(rx, slots, w, recv_host[:, 1:].sum(0).tolist(), received, None),
             ReturnPath(routes.result, send_splits, recv_splits))
 
 

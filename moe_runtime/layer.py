@@ -112,11 +112,12 @@ class EPMoELayer(nn.Module):
             out = combine(y, path, self.group, x.shape[0])
         if self.shared_gate_up is not None:
             out += swiglu(x, self.shared_gate_up, self.shared_down).float()
-        if c is not None:
-            c.received[layer] += recv.received.to(torch.int32) * c.record
-            c.bias_changed[layer] += r.changed * c.record
+        if c is not None:  # one fused multiply-add each, gated by the device flag
+            c.received[layer].addcmul_(recv.received, c.record)
+            if self.selection_bias is not None:
+                c.bias_changed[layer].addcmul_(r.changed, c.record)
             if recv.dropped is not None:
-                c.dropped[layer] += recv.dropped * c.record
+                c.dropped[layer].addcmul_(recv.dropped, c.record)
         return out.to(x.dtype)
 
 
