@@ -11,8 +11,10 @@ the ``routed`` counts of the local ranks are summed for the same step range.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -31,6 +33,8 @@ from balancerd.window import SlidingSum
 
 STALE_AFTER_S = 5.0  # a rank with no record for this long is reported as stale
 _MAX_PENDING = 64    # step ranges waiting for the other local ranks (without global_routed)
+
+R = TypeVar("R", TelemetryReader, StatusReader)
 
 
 @dataclass
@@ -232,6 +236,23 @@ class Ingest:
         if self.log.once(f"bad:{path}:{reason}", "warning", "ignoring segment", path=path, reason=reason):
             self.bad_segments += 1
 
+    def _open_checked(self, path: Path, open_reader: Callable[[Path], R],
+                      problem_of: Callable[[R, JobFeed, int], str | None], job: JobFeed,
+                      rank: int) -> R | None:
+        """``open_reader(path)``, or None (the segment is logged as bad) when it does not open or
+        ``problem_of(reader, job, rank)`` finds it does not belong there."""
+        try:
+            reader = open_reader(path)
+        except SegmentError as exc:
+            self._open_bad(path, exc)
+            return None
+        problem = problem_of(reader, job, rank)
+        if problem:
+            reader.close()
+            self._open_bad(path, problem)
+            return None
+        return reader
+
     def _sync_rings(self, job: JobFeed, paths: dict[int, Path], now: float) -> None:
         for rank in [r for r in job.ranks if r not in paths]:
             self.log.info("rank ring removed", job=job.job, rank=rank)
@@ -242,17 +263,10 @@ class Ingest:
                 continue
             if feed is not None:
                 job.ranks.pop(rank).close()
-            try:
-                reader = TelemetryReader.open(path)
-            except SegmentError as exc:
-                self._open_bad(path, exc)
+            reader = self._open_checked(path, TelemetryReader.open, _ring_problem, job, rank)
+            if reader is None:
                 continue
             info = reader.info
-            problem = _ring_problem(reader, job, rank)
-            if problem:
-                reader.close()
-                self._open_bad(path, problem)
-                continue
             job.ranks[rank] = RankFeed(reader, now, self.intervals)
             self.log.info("rank attached", job=job.job, rank=rank, world=info.world,
                           generation=f"{info.generation:x}")
@@ -282,15 +296,8 @@ class Ingest:
                 job.statuses.pop(rank).close()
                 feed = None
             if feed is None:
-                try:
-                    reader = StatusReader.open(path)
-                except SegmentError as exc:
-                    self._open_bad(path, exc)
-                    continue
-                info = reader.info
-                if info.job != job.job or info.rank != rank:
-                    reader.close()
-                    self._open_bad(path, f"header names job {info.job!r} rank {info.rank}")
+                reader = self._open_checked(path, StatusReader.open, _status_problem, job, rank)
+                if reader is None:
                     continue
                 feed = job.statuses[rank] = StatusFeed(reader)
             if job.shape is not None and (feed.reader.info.layers, feed.reader.info.slots) != (
@@ -362,6 +369,14 @@ class Ingest:
                               age_s=round(age, 1))
             elif self.log.forget(key):
                 self.log.info("rank publishing again", job=job.job, rank=rank)
+
+
+def _status_problem(reader: StatusReader, job: JobFeed, rank: int) -> str | None:
+    """Why a status block does not belong where its file name puts it, or None."""
+    info = reader.info
+    if info.job != job.job or info.rank != rank:
+        return f"header names job {info.job!r} rank {info.rank}"
+    return None
 
 
 def _ring_problem(reader: TelemetryReader, job: JobFeed, rank: int) -> str | None:

@@ -28,8 +28,8 @@ from balancerd.segment import Segment, SegmentError, SegmentInfo, record_dtype
 __all__ = [
     "ControlPlan", "ControlReader", "ControlWriter", "Mode", "Policy", "PlanResult", "RejectReason",
     "RingShape", "SegmentError", "StatusReader", "StatusRecord", "StatusWriter", "TelemetryReader",
-    "TelemetryRecord", "TelemetryWriter", "control_path", "discover", "new_generation", "ring_path",
-    "runtime_dir", "status_path",
+    "TelemetryRecord", "TelemetryWriter", "control_path", "discover", "new_generation", "read_status",
+    "ring_path", "runtime_dir", "status_path",
 ]
 
 RING_MAGIC = b"BLDRING1"
@@ -594,3 +594,15 @@ class StatusReader:
 
     def close(self) -> None:
         self._seg.close()
+
+
+def read_status(path: Path) -> StatusRecord | None:
+    """The status block at ``path`` read once; None while it does not open or holds no valid record."""
+    try:
+        reader = StatusReader.open(path)
+    except SegmentError:
+        return None
+    try:
+        return reader.read()
+    finally:
+        reader.close()

@@ -192,7 +192,10 @@ def _to(w: LogicalWeights, device: torch.device) -> LogicalWeights:
                                      if getattr(w, f.name) is not None})
 
 
-def equivalence_case(group: EPGroup, model: str, mode: str, tokens: int, seed: int) -> dict:
+def random_stack(group: EPGroup, model: str, mode: str,
+                 seed: int) -> tuple[MoEConfig, RuntimePlacement, EPMoEStack, list[LogicalWeights]]:
+    """The small ``model`` over a random placement with replicas (2 slots per rank beyond E / world),
+    counters on, random float32 weights loaded."""
     cfg = small_config(model)
     k = cfg.experts // group.world + 2
     placement = RuntimePlacement(random_placement(cfg, group.world, k, seed), cfg.experts, k, group.device)
@@ -200,6 +203,11 @@ def equivalence_case(group: EPGroup, model: str, mode: str, tokens: int, seed: i
     stack = EPMoEStack(cfg, group, placement, dispatch=DispatchConfig(mode), counters=counters)
     weights = [_to(LogicalWeights.random(cfg, layer, seed), group.device) for layer in range(cfg.layers)]
     stack.load_weights(weights)
+    return cfg, placement, stack, weights
+
+
+def equivalence_case(group: EPGroup, model: str, mode: str, tokens: int, seed: int) -> dict:
+    cfg, placement, stack, weights = random_stack(group, model, mode, seed)
     gen = torch.Generator().manual_seed(seed)
     x_all = torch.randn(group.world * tokens, cfg.hidden, generator=gen).to(group.device)
     mine = slice(group.rank * tokens, (group.rank + 1) * tokens)
@@ -228,13 +236,7 @@ def count_syncs(fn: Callable[[], object]) -> int:
 
 
 def sync_case(group: EPGroup, model: str, mode: str, tokens: int, seed: int) -> dict:
-    cfg = small_config(model)
-    k = cfg.experts // group.world + 2
-    placement = RuntimePlacement(random_placement(cfg, group.world, k, seed), cfg.experts, k, group.device)
-    counters = Counters(cfg.layers, cfg.experts, k, group.device)
-    stack = EPMoEStack(cfg, group, placement, dispatch=DispatchConfig(mode), counters=counters)
-    stack.load_weights([_to(LogicalWeights.random(cfg, layer, seed), group.device)
-                        for layer in range(cfg.layers)])
+    cfg, _, stack, _ = random_stack(group, model, mode, seed)
     x = torch.randn(tokens, cfg.hidden, device=group.device)
     with torch.no_grad():
         for _ in range(3):  # warm-up: allocator, NCCL communicators, Triton compilation

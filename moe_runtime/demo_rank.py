@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -69,45 +70,77 @@ def zipf_router_bias(layers: int, experts: int, skew: float, seed: int) -> torch
     return torch.from_numpy(bias)
 
 
-def run(args: DemoRankArgs, rank: int) -> dict:
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=args.init_method, rank=rank, world_size=args.world,
-                            timeout=timedelta(seconds=120))
-    try:
-        return _serve(args, rank)
-    finally:
-        dist.destroy_process_group()
+@dataclass
+class SkewedRank:
+    """One rank's EP stack over the skewed router, following the daemon's plans through its controller.
+    ``bias`` is the selection bias the controller updates in place (the dense reference takes it too);
+    ``gen`` draws this rank's inputs."""
+
+    cfg: MoEConfig
+    weights: list[LogicalWeights]
+    placement: RuntimePlacement
+    counters: Counters
+    bias: torch.Tensor
+    stack: EPMoEStack
+    controller: PlanController
+    gen: torch.Generator
 
 
-def _serve(args: DemoRankArgs, rank: int) -> dict:
-    cfg = args.config()
+def build_skewed_rank(cfg: MoEConfig, rank: int, world: int, slots_per_rank: int, skew: float, seed: int,
+                      telemetry: TelemetryConfig, controller: ControllerConfig) -> SkewedRank:
+    """Random weights (``seed``) with a Zipf(``skew``) router bias, the initial placement, counters, a zero
+    selection bias, the EPMoEStack over the EP group and its PlanController. Call inside the process group."""
     group = ep_group()
-    weights = [LogicalWeights.random(cfg, layer, args.seed) for layer in range(cfg.layers)]
-    skew = zipf_router_bias(cfg.layers, cfg.experts, args.skew, args.seed + 1)
+    weights = [LogicalWeights.random(cfg, layer, seed) for layer in range(cfg.layers)]
+    router_bias = zipf_router_bias(cfg.layers, cfg.experts, skew, seed + 1)
     for layer, w in enumerate(weights):
-        w.router_bias = skew[layer]
-    placement = RuntimePlacement.initial(cfg.layers, cfg.experts, args.world, args.slots_per_rank)
-    counters = Counters(cfg.layers, cfg.experts, args.slots_per_rank)
+        w.router_bias = router_bias[layer]
+    placement = RuntimePlacement.initial(cfg.layers, cfg.experts, world, slots_per_rank)
+    counters = Counters(cfg.layers, cfg.experts, slots_per_rank)
     bias = torch.zeros(cfg.layers, cfg.experts)
     stack = EPMoEStack(cfg, group, placement, dispatch=DispatchConfig(), counters=counters,
                        selection_bias=bias)
     stack.load_weights(weights)
+    plan_controller = PlanController(stack, placement, group, counters, telemetry=telemetry,
+                                     selection_bias=bias, config=controller)
+    gen = torch.Generator().manual_seed(seed * 7919 + rank)
+    return SkewedRank(cfg, weights, placement, counters, bias, stack, plan_controller, gen)
+
+
+@contextmanager
+def gloo_rank(init_method: str, rank: int, world: int, seed: int, timeout_s: float):
+    """Seed torch, one CPU thread, and this rank's gloo process group for the body; destroyed after."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def run(args: DemoRankArgs, rank: int) -> dict:
+    with gloo_rank(args.init_method, rank, args.world, args.seed, timeout_s=120):
+        return _serve(args, rank)
+
+
+def _serve(args: DemoRankArgs, rank: int) -> dict:
     telemetry = TelemetryConfig(job=args.job, interval_steps=args.interval_steps, directory=args.runtime_dir)
-    controller = PlanController(stack, placement, group, counters, telemetry=telemetry, selection_bias=bias,
-                                config=ControllerConfig(layers_per_step=args.layers_per_step))
-    gen = torch.Generator().manual_seed(args.seed * 7919 + rank)
+    r = build_skewed_rank(args.config(), rank, args.world, args.slots_per_rank, args.skew, args.seed,
+                          telemetry, ControllerConfig(layers_per_step=args.layers_per_step))
+    cfg, stack, placement, controller = r.cfg, r.stack, r.placement, r.controller
     step_ms, versions, max_err, checks = [], [], 0.0, 0
     check_next = True
     try:
         for step in range(args.steps):
-            x = torch.randn(args.tokens, cfg.hidden, generator=gen)
+            x = torch.randn(args.tokens, cfg.hidden, generator=r.gen)
             start = time.perf_counter()
             with torch.no_grad():
                 out = stack(x)
             if check_next or controller.migrating:
                 with torch.no_grad():
-                    ref = dense_stack(x, weights, cfg, selection_bias=bias,
+                    ref = dense_stack(x, r.weights, cfg, selection_bias=r.bias,
                                       keep=_drop_rule(stack, placement, rank, args.tokens, cfg.top_k))
                 max_err = max(max_err, float((out - ref).abs().max() / ref.abs().max()))
                 checks += 1

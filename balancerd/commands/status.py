@@ -10,6 +10,7 @@ from balancerd.api import ApiClient, DaemonUnavailable
 from balancerd.commands import UsageError
 from balancerd.config import ConfigError, load_config, resolve_socket
 from balancerd.protocol import runtime_dir
+from balancerd.tui.model import fmt_dur
 
 MAX_LAYERS_SHOWN = 10
 
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 def render(state: dict, all_layers: bool = False) -> str:
     """The snapshot as text for a terminal."""
     d = state["daemon"]
-    lines = [f"balancerd pid {d['pid']}, up {_dur(d['uptime_s'])}, runtime dir {d['runtime_dir']}"]
+    lines = [f"balancerd pid {d['pid']}, up {fmt_dur(d['uptime_s'])}, runtime dir {d['runtime_dir']}"]
     if d["bad_segments"]:
         lines.append(f"  {d['bad_segments']} unusable segment files seen (see the log)")
     if not state["jobs"]:
@@ -91,7 +92,7 @@ def _job_lines(name: str, j: dict, all_layers: bool) -> list[str]:
         plan = "-" if st is None else f"v{st['applied_version']} {st['result']}"
         if st is not None and st["result"] == "rejected":
             plan += f" ({st['reason']})"
-        age = _dur(r["age_s"]) + (" STALE" if r["stale"] else "") + ("" if r["current"] else " old-gen")
+        age = fmt_dur(r["age_s"]) + (" STALE" if r["stale"] else "") + ("" if r["current"] else " old-gen")
         step = f"{r['step_us']:.0f}" if "step_us" in r else "-"
         out.append(f"  {r['rank']:<5} {age:<8} {r['accepted']:<9} {r['dropped']:<8} "
                    f"{r['invalid'] + r['rejected']:<8} {step:<9} {plan}")
@@ -115,7 +116,7 @@ def _job_lines(name: str, j: dict, all_layers: bool) -> list[str]:
     else:
         acks = ", ".join(f"{r}:{a}" for r, a in plan["acks"].items()) or "none yet"
         out.append(f"  last plan: v{plan['version']} {plan['policy']} ({plan['source']}), "
-                   f"{_dur(plan['age_s'])} ago: {plan['state']}; acks {acks}")
+                   f"{fmt_dur(plan['age_s'])} ago: {plan['state']}; acks {acks}")
         if plan["rejection"]:
             r = plan["rejection"]
             out.append(f"    rejected by rank {r['rank']}: {r['reason']} {r['detail']}".rstrip())
@@ -124,12 +125,4 @@ def _job_lines(name: str, j: dict, all_layers: bool) -> list[str]:
                        f"{plan['balancedness_after']['mean']}, gain {plan['predicted_gain_s']} s vs "
                        f"migration {plan['migration_cost_s']} s")
     return out
-
-
-def _dur(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
 

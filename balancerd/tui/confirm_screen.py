@@ -6,27 +6,18 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
+from balancerd.tui.dialog_screen import DialogScreen
 
-class ConfirmScreen(ModalScreen[bool]):
+
+class ConfirmScreen(DialogScreen[bool]):
     """Asks ``heading`` with ``body``; dismisses with True on yes (y), False on no (n, escape)."""
 
     DEFAULT_CSS = """
-    ConfirmScreen { align: center middle; }
-    ConfirmScreen > Vertical {
-        width: 72;
-        max-width: 100%;
-        height: auto;
-        max-height: 100%;
-        border: thick $warning;
-        background: $surface;
-        padding: 0 1;
-    }
+    ConfirmScreen > Vertical { width: 72; }
     ConfirmScreen #confirm-heading { text-style: bold; margin-bottom: 1; }
-    ConfirmScreen Horizontal { height: auto; align-horizontal: right; margin-top: 1; }
-    ConfirmScreen Button { margin-left: 2; }
+    ConfirmScreen Horizontal { margin-top: 1; }
     """
 
     BINDINGS = [

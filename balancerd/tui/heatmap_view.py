@@ -13,6 +13,7 @@ from textual.widgets import Static
 from balancerd.tui.heat_legend import HeatLegend
 from balancerd.tui.heatmap import Heatmap
 from balancerd.tui.model import (
+    NO_JOB,
     NOT_REPORTED,
     ConsoleState,
     HeatGrid,
@@ -108,7 +109,7 @@ class HeatmapView(Vertical):
         """The grid to draw, or why there is none; and the title line."""
         s = self.shown
         if s is None or s.job is None:
-            return None, "no job reported by the daemon", "Heatmap"
+            return None, NO_JOB, "Heatmap"
         if self.mode == "gpus":
             grid = gpu_grid(s.job)
             title = "Layers × GPUs · enter: the layer's experts · x: experts · w: worst cell"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual.reactive import reactive
 
 from balancerd.tui.live_table import LiveTable
 from balancerd.tui.model import ConsoleState, fmt_ratio, layer_rows, level, spark
@@ -19,20 +18,11 @@ class LayerTable(LiveTable):
     DEFAULT_CSS = """
     LayerTable {
         height: 1fr;
-        border-top: solid $primary;
-        border-title-color: $text-primary;
     }
     """
 
-    shown: reactive[ConsoleState | None] = reactive(None)
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
-        self.add_column("layer", key="layer")
-        self.add_column("max/min", key="max_min")
-        self.add_column("max/mean", key="balancedness")
-        self.add_column("state", key="state")
-        self.add_column("history", key="history", width=HISTORY_WIDTH)
+    COLUMNS = (("layer", "layer"), ("max/min", "max_min"), ("max/mean", "balancedness"), ("state", "state"),
+               ("history", "history", HISTORY_WIDTH))
 
     def watch_shown(self, shown: ConsoleState | None) -> None:
         if shown is None:

@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from rich.text import Text
+from textual.reactive import reactive
 from textual.widgets import DataTable
+
+from balancerd.tui.model import ConsoleState
 
 
 class LiveTable(DataTable):
     """Rows are ``(key, cells)`` with the key shown in the first column. When the same rows come
     back, cells are updated in place and the rows re-ordered, so scrolling is kept. A cursor on the
-    first row stays there (the worst, the newest); one the operator moved stays on its row's key."""
+    first row stays there (the worst, the newest); one the operator moved stays on its row's key.
+
+    A subclass names its ``COLUMNS`` (label, key[, width]) and fills the rows in ``watch_shown``;
+    the table has a row cursor, zebra stripes and a titled rule on top."""
+
+    DEFAULT_CSS = """
+    LiveTable {
+        border-top: solid $primary;
+        border-title-color: $text-primary;
+    }
+    """
+
+    COLUMNS: ClassVar[tuple[tuple, ...]] = ()
+
+    shown: reactive[ConsoleState | None] = reactive(None)
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        for label, key, *width in self.COLUMNS:
+            self.add_column(label, key=key, width=width[0] if width else None)
 
     def show_rows(self, rows: list[tuple[str, list]]) -> None:
         on = self._cursor_key() if self.cursor_row > 0 else None

@@ -16,6 +16,7 @@ from typing import Protocol
 from balancerd.api import DaemonUnavailable
 
 NOT_REPORTED = "not reported by this daemon"
+NO_JOB = "no job reported by the daemon"
 SPARK = "▁▂▃▄▅▆▇█"
 HISTORY_POINTS = 60
 # Load relative to the layer's mean, binned for the heatmaps: upper bounds of each bin but the last.

@@ -8,34 +8,23 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
-from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, LoadingIndicator, Static
 
+from balancerd.tui.dialog_screen import DialogScreen
 from balancerd.tui.model import NOT_REPORTED, Client, call, fmt_num
 
 
-class PlanScreen(ModalScreen[bool]):
+class PlanScreen(DialogScreen[bool]):
     """Asks the daemon for a dry run of the job's policy and shows it; dismisses with True when the
     operator publishes (y), False on cancel (escape). The dry run runs in a worker."""
 
     DEFAULT_CSS = """
-    PlanScreen { align: center middle; }
-    PlanScreen > Vertical {
-        width: 90;
-        max-width: 100%;
-        height: auto;
-        max-height: 100%;
-        border: thick $warning;
-        background: $surface;
-        padding: 0 1;
-    }
+    PlanScreen > Vertical { width: 90; }
     PlanScreen #plan-heading { text-style: bold; }
     PlanScreen VerticalScroll { height: auto; max-height: 70vh; }
     PlanScreen LoadingIndicator { height: 3; }
     PlanScreen DataTable { height: auto; max-height: 8; margin-top: 1; }
     PlanScreen #plan-note { color: $text-muted; margin-top: 1; }
-    PlanScreen Horizontal { height: auto; align-horizontal: right; }
-    PlanScreen Button { margin-left: 2; }
     """
 
     BINDINGS = [

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual.reactive import reactive
-from textual.widget import Widget
 
+from balancerd.tui.job_panel import JobPanel
 from balancerd.tui.model import ConsoleState, acks_progress, last_plan_lines
 
 BAR = 20
@@ -13,27 +12,18 @@ STATE_STYLES = {"applied": "bold green", "pending": "bold yellow", "rejected": "
                 "unacknowledged": "bold red", "superseded": "dim"}
 
 
-class PlanStatus(Widget):
+class PlanStatus(JobPanel):
     """A progress bar of the ranks that applied the last plan, then its summary lines."""
 
     DEFAULT_CSS = """
     PlanStatus {
-        height: auto;
-        padding: 0 1;
         border-top: solid $primary;
         border-title-color: $text-primary;
     }
     """
+    BORDER_TITLE = "Last plan"
 
-    shown: reactive[ConsoleState | None] = reactive(None, layout=True)
-
-    def on_mount(self) -> None:
-        self.border_title = "Last plan"
-
-    def render(self) -> Text:
-        s = self.shown
-        if s is None or s.job is None:
-            return Text("no job reported by the daemon", style="dim")
+    def render_job(self, s: ConsoleState) -> Text:
         lines = last_plan_lines(s.job, s.now)
         plan = s.job.get("last_plan")
         if plan is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual.reactive import reactive
 
 from balancerd.tui.live_table import LiveTable
 from balancerd.tui.model import NOT_REPORTED, ConsoleState, fmt_dur, fmt_num, plan_rows
@@ -17,18 +16,11 @@ class PlanTable(LiveTable):
     PlanTable {
         height: auto;
         max-height: 50%;
-        border-top: solid $primary;
-        border-title-color: $text-primary;
     }
     """
 
-    shown: reactive[ConsoleState | None] = reactive(None)
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
-        for label in ("ver", "age", "state", "policy", "source", "moves", "gain s", "migr s",
-                      "balancedness", "measured", "why"):
-            self.add_column(label, key=label)
+    COLUMNS = tuple((label, label) for label in ("ver", "age", "state", "policy", "source", "moves", "gain s",
+                                                  "migr s", "balancedness", "measured", "why"))
 
     def watch_shown(self, shown: ConsoleState | None) -> None:
         if shown is None or shown.job is None:

@@ -3,33 +3,24 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual.reactive import reactive
-from textual.widget import Widget
 
+from balancerd.tui.job_panel import JobPanel
 from balancerd.tui.model import ConsoleState, acks_progress, fmt_dur, policy_lines
 
 
-class PolicyPanel(Widget):
+class PolicyPanel(JobPanel):
     """Policy and mode (PAUSED stands out), detector verdict, last plan."""
 
     DEFAULT_CSS = """
     PolicyPanel {
-        height: auto;
-        padding: 0 1;
         border-top: solid $primary;
         border-title-color: $text-primary;
     }
     """
+    BORDER_TITLE = "Policy"
 
-    shown: reactive[ConsoleState | None] = reactive(None, layout=True)
-
-    def on_mount(self) -> None:
-        self.border_title = "Policy"
-
-    def render(self) -> Text:
-        job = self.shown.job if self.shown is not None else None
-        if job is None:
-            return Text("no job reported by the daemon", style="dim")
+    def render_job(self, shown: ConsoleState) -> Text:
+        job = shown.job
         lines = policy_lines(job) + [_last_plan(job)]
         text = Text("\n".join(lines))
         text.highlight_words(["mode paused"], "bold black on yellow")

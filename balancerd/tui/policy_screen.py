@@ -6,10 +6,10 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen
 from textual.widgets import Button, RadioButton, RadioSet, Static
 
 from balancerd.config import POLICY_KINDS
+from balancerd.tui.dialog_screen import DialogScreen
 
 DESCRIPTIONS = {
     "placement": "replicate and move experts (migrates weights)",
@@ -18,24 +18,14 @@ DESCRIPTIONS = {
 }
 
 
-class PolicyScreen(ModalScreen[str | None]):
+class PolicyScreen(DialogScreen[str | None]):
     """Dismisses with the chosen policy, or None when cancelled or unchanged."""
 
     DEFAULT_CSS = """
-    PolicyScreen { align: center middle; }
-    PolicyScreen > Vertical {
-        width: 76;
-        max-width: 100%;
-        height: auto;
-        max-height: 100%;
-        border: thick $warning;
-        background: $surface;
-        padding: 0 1;
-    }
+    PolicyScreen > Vertical { width: 76; }
     PolicyScreen #policy-heading { text-style: bold; margin-bottom: 1; }
     PolicyScreen RadioSet { width: 100%; }
-    PolicyScreen Horizontal { height: auto; align-horizontal: right; margin-top: 1; }
-    PolicyScreen Button { margin-left: 2; }
+    PolicyScreen Horizontal { margin-top: 1; }
     """
 
     BINDINGS = [Binding("escape", "cancel", "cancel")]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual.reactive import reactive
 
 from balancerd.tui.live_table import LiveTable
 from balancerd.tui.model import NOT_REPORTED, ConsoleState, fmt_count, fmt_num, rank_rows
@@ -18,18 +17,11 @@ class RankTable(LiveTable):
     RankTable {
         height: auto;
         max-height: 45%;
-        border-top: solid $primary;
-        border-title-color: $text-primary;
     }
     """
 
-    shown: reactive[ConsoleState | None] = reactive(None)
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
-        for label, key in (("rank", "rank"), ("step µs", "step"), ("expert µs", "expert"), ("a2a µs", "a2a"),
-                           ("wait µs", "wait"), ("tokens", "tokens"), ("share", "share"), ("", "role")):
-            self.add_column(label, key=key)
+    COLUMNS = (("rank", "rank"), ("step µs", "step"), ("expert µs", "expert"), ("a2a µs", "a2a"),
+               ("wait µs", "wait"), ("tokens", "tokens"), ("share", "share"), ("", "role"))
 
     def watch_shown(self, shown: ConsoleState | None) -> None:
         if shown is None or shown.job is None:

@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual.reactive import reactive
-from textual.widget import Widget
 
+from balancerd.tui.job_panel import JobPanel
 from balancerd.tui.model import ConsoleState, no_straggler_line, rank_rows, straggler_lines
 
 ROLE_STYLES = {"late": "bold red", "waits": "yellow"}
 
 
-class StragglerView(Widget):
+class StragglerView(JobPanel):
     """The daemon's straggler verdicts, then each rank's step split into busy time (its own work)
     and time inside the all-to-alls (transfer plus waiting for the last rank to join)."""
 
-    DEFAULT_CSS = """
-    StragglerView {
-        height: auto;
-        padding: 0 1;
-    }
-    """
-
-    shown: reactive[ConsoleState | None] = reactive(None, layout=True)
-
-    def render(self) -> Text:
-        s = self.shown
-        if s is None or s.job is None:
-            return Text("no job reported by the daemon", style="dim")
+    def render_job(self, s: ConsoleState) -> Text:
         text = Text()
         text.append("Stragglers, from the all-to-all timings of the window\n", style="bold")
         found = straggler_lines(s.job)

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from balancerd.api import ApiClient, DaemonUnavailable
-from balancerd.protocol import SegmentError, StatusReader, StatusRecord, status_path
+from balancerd.protocol import StatusRecord, read_status, status_path
 
 WAIT_S = 40.0
 HERE = Path(__file__).resolve()
@@ -255,15 +255,7 @@ class World:
 
     def status(self, rank: int) -> StatusRecord | None:
         """The rank's status block as the daemon reads it (None before it exists)."""
-        path = status_path(Path(self.args.runtime_dirs[rank]), self.args.job, rank)
-        try:
-            reader = StatusReader.open(path)
-        except SegmentError:
-            return None
-        try:
-            return reader.read()
-        finally:
-            reader.close()
+        return read_status(status_path(Path(self.args.runtime_dirs[rank]), self.args.job, rank))
 
     def statuses(self) -> list[StatusRecord | None]:
         return [self.status(r) for r in range(self.args.world)]
@@ -352,32 +344,20 @@ def _serve(args: RankArgs, rank: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from moe_runtime import Counters, DispatchConfig, EPMoEStack, LogicalWeights, MoEConfig, RuntimePlacement
-    from moe_runtime.controller import ControllerConfig, PlanController
-    from moe_runtime.demo_rank import zipf_router_bias
-    from moe_runtime.group import ep_group
+    from moe_runtime import MoEConfig
+    from moe_runtime.controller import ControllerConfig
+    from moe_runtime.demo_rank import build_skewed_rank
     from moe_runtime.reference import dense_stack
     from moe_runtime.telemetry import TelemetryConfig
 
     cfg = MoEConfig.preset("qwen3-235b-a22b", layers=args.layers, experts=args.experts, hidden=args.hidden,
                            intermediate=args.intermediate, top_k=args.top_k)
-    group = ep_group()
-    weights = [LogicalWeights.random(cfg, layer, args.seed) for layer in range(cfg.layers)]
-    skew = zipf_router_bias(cfg.layers, cfg.experts, args.skew, args.seed + 1)
-    for layer, w in enumerate(weights):
-        w.router_bias = skew[layer]
-    placement = RuntimePlacement.initial(cfg.layers, cfg.experts, args.world, args.slots_per_rank)
-    counters = Counters(cfg.layers, cfg.experts, args.slots_per_rank)
-    bias = torch.zeros(cfg.layers, cfg.experts)
-    stack = EPMoEStack(cfg, group, placement, dispatch=DispatchConfig(), counters=counters,
-                       selection_bias=bias)
-    stack.load_weights(weights)
     telemetry = TelemetryConfig(job=args.job, interval_steps=args.interval_steps,
                                 directory=args.runtime_dirs[rank], global_view=args.global_view)
-    controller = PlanController(stack, placement, group, counters, telemetry=telemetry, selection_bias=bias,
-                                config=ControllerConfig(layers_per_step=args.layers_per_step,
-                                                        reopen_steps=args.interval_steps))
-    gen = torch.Generator().manual_seed(args.seed * 7919 + rank)
+    r = build_skewed_rank(cfg, rank, args.world, args.slots_per_rank, args.skew, args.seed, telemetry,
+                          ControllerConfig(layers_per_step=args.layers_per_step,
+                                           reopen_steps=args.interval_steps))
+    stack, placement, controller = r.stack, r.placement, r.controller
     stop, gate = Path(args.stop_file), Path(args.gate_file) if args.gate_file else None
     steps: dict[str, list] = {"t": [], "migrating": [], "version": [], "err": []}
     changes, last = [], None
@@ -388,11 +368,11 @@ def _serve(args: RankArgs, rank: int) -> dict:
                 deadline = time.monotonic() + args.gate_timeout_s
                 while not gate.exists() and time.monotonic() < deadline:
                     time.sleep(0.005)
-            x = torch.randn(args.tokens, cfg.hidden, generator=gen)
+            x = torch.randn(args.tokens, cfg.hidden, generator=r.gen)
             t = time.time()
             with torch.no_grad():
                 out = stack(x)
-                ref = dense_stack(x, weights, cfg, selection_bias=bias)
+                ref = dense_stack(x, r.weights, cfg, selection_bias=r.bias)
             steps["err"].append(float((out - ref).abs().max() / ref.abs().max()))
             controller.after_step(step, args.tokens)
             steps["t"].append(t)
@@ -416,19 +396,10 @@ def _serve(args: RankArgs, rank: int) -> dict:
 
 
 def _rank_main(args: RankArgs, rank: int) -> None:
-    from datetime import timedelta
+    from moe_runtime.demo_rank import gloo_rank
 
-    import torch
-    import torch.distributed as dist
-
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=args.init_method, rank=rank, world_size=args.world,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_rank(args.init_method, rank, args.world, args.seed, timeout_s=60):
         result = _serve(args, rank)
-    finally:
-        dist.destroy_process_group()
     out = Path(args.out_dir) / f"rank{rank}.json"
     out.with_suffix(".tmp").write_text(json.dumps(result))
     os.replace(out.with_suffix(".tmp"), out)
@@ -452,6 +423,7 @@ def main(argv: list[str]) -> int:
     import torch.distributed  # noqa: F401
 
     import moe_runtime.controller  # noqa: F401
+    import moe_runtime.demo_rank  # noqa: F401
     import moe_runtime.reference  # noqa: F401
 
     args = RankArgs(**json.loads(Path(argv[0]).read_text()))

@@ -22,8 +22,7 @@ from balancerd.protocol import (
     ControlWriter,
     PlanResult,
     RejectReason,
-    SegmentError,
-    StatusReader,
+    read_status,
     status_path,
 )
 from moe_runtime import (
@@ -93,14 +92,7 @@ class PlanWriter(threading.Thread):
         self.results: dict[int, tuple[PlanResult, RejectReason]] = {}
 
     def _status(self, rank: int):
-        try:
-            reader = StatusReader.open(status_path(self.directory, JOB, rank))
-        except SegmentError:
-            return None
-        try:
-            return reader.read()
-        finally:
-            reader.close()
+        return read_status(status_path(self.directory, JOB, rank))
 
     def run(self) -> None:
         rng = np.random.default_rng(0)

@@ -7,16 +7,12 @@ with TRITON_INTERPRET=1 whose outputs are allocated poisoned (NaN), so unwritten
 
 from __future__ import annotations
 
-import importlib
-import math
-import multiprocessing
-import secrets
-from concurrent.futures import ProcessPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 import sm90
 import torch
+from triton_worker import interpreter_worker
 
 from kernels import expert_ffn
 from kernels.expert_ffn import BACKEND_ENV, grouped_swiglu, grouped_swiglu_reference, select_backend
@@ -26,48 +22,12 @@ from moe_runtime.experts import run_experts, run_experts_loop
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = secrets.randbits(32)
-    print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
-
-
 @pytest.fixture(scope="module")
 def interpreted():
-    """Run a function of this module in an interpreter worker process."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        pool.submit(_start_worker).result(timeout=120)
-
-    def call(fn, *args, **kwargs):
-        return pool.submit(fn, *args, **kwargs).result(timeout=300)
-
-    yield call
-    pool.shutdown()
-
-
-def _start_worker() -> None:
-    import triton
-
-    for name, kernel in (("kernels.expert_ffn_triton", "_grouped_gemm_kernel"),
-                         ("kernels.permute_triton", "_unpermute_kernel")):
-        module = importlib.import_module(name)
-        assert not isinstance(getattr(module, kernel), triton.runtime.JITFunction), "not interpreted"
-        module.torch = _PoisonedTorch()
-
-
-class _PoisonedTorch:
-    """torch, except that `empty` returns NaN / -77-filled tensors."""
-
-    def __getattr__(self, name: str):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        out = torch.empty(*size, dtype=dtype, device=device)
-        return out.fill_(math.nan if dtype.is_floating_point else -77)
+    """Run a function of this module in the interpreter worker (triton_worker)."""
+    with interpreter_worker(("kernels.expert_ffn_triton", "_grouped_gemm_kernel"),
+                            ("kernels.permute_triton", "_unpermute_kernel")) as call:
+        yield call
 
 
 def _triton_ys(x, groups, w_gate_up, w_down, assignments, configs):

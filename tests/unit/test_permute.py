@@ -8,15 +8,10 @@ write and does not shows up.
 
 from __future__ import annotations
 
-import importlib
-import math
-import multiprocessing
-import secrets
-from concurrent.futures import ProcessPoolExecutor
-
 import pytest
 import sm90
 import torch
+from triton_worker import interpreter_worker
 
 from kernels import permute
 from kernels.permute import drop_overflow, group_by_slot, route_rows, row_layout, unpack
@@ -24,50 +19,19 @@ from kernels.permute import drop_overflow, group_by_slot, route_rows, row_layout
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = secrets.randbits(32)
-    print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
-
-
 @pytest.fixture(scope="module")
 def triton_call():
-    """Call a kernels.permute function with force_triton=True in an interpreter worker process."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        pool.submit(_start_worker).result(timeout=120)
+    """Call a kernels.permute function with force_triton=True in the interpreter worker (triton_worker)."""
+    with interpreter_worker(("kernels.permute_triton", "_pack_kernel")) as run:
 
-    def call(name: str, *args):
-        return pool.submit(_run, name, args).result(timeout=300)
+        def call(name: str, *args):
+            return run(_run, name, args)
 
-    yield call
-    pool.shutdown()
-
-
-def _start_worker() -> None:
-    import triton
-
-    kernels = importlib.import_module("kernels.permute_triton")
-    assert not isinstance(kernels._pack_kernel, triton.runtime.JITFunction), "not interpreted"
-    kernels.torch = _PoisonedTorch()
+        yield call
 
 
 def _run(name: str, args: tuple):
     return getattr(permute, name)(*args, force_triton=True)
-
-
-class _PoisonedTorch:
-    """torch, except that `empty` returns NaN / -77-filled tensors."""
-
-    def __getattr__(self, name: str):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        out = torch.empty(*size, dtype=dtype, device=device)
-        return out.fill_(math.nan if dtype.is_floating_point else -77)
 
 
 # ---------------------------------------------------------------- inputs

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import importlib
 import math
-import multiprocessing
-import secrets
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
 import triton
+from triton_worker import interpreter_worker
 
 from kernels.route import RouteOutput, RoutingSpec, route, route_reference
 from kernels.route_triton import LaunchConfig, _route_kernel, kernel_constants
@@ -38,36 +36,15 @@ SPECS = {
 }
 
 
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = secrets.randbits(32)
-    print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
-
-
 @pytest.fixture(scope="module")
 def interpreted():
-    """Run `route_triton` in a worker process started with TRITON_INTERPRET=1.
+    """Run `route_triton` in the interpreter worker (triton_worker). Returns (RouteOutput, counts after)."""
+    with interpreter_worker(("kernels.route_triton", "_route_kernel"), timeout=120) as run:
 
-    The interpreter must be on before triton is first imported, and it must stay out of every
-    other test in this process, hence a process of its own. Returns (RouteOutput, counts after).
-    """
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        pool.submit(_start_worker).result(timeout=120)
+        def call(launch: tuple[int, int] | None = None, **kwargs) -> tuple[RouteOutput, torch.Tensor | None]:
+            return run(_interpret_route, launch, kwargs)
 
-    def call(launch: tuple[int, int] | None = None, **kwargs) -> tuple[RouteOutput, torch.Tensor | None]:
-        return pool.submit(_interpret_route, launch, kwargs).result(timeout=120)
-
-    yield call
-    pool.shutdown()
-
-
-def _start_worker() -> None:
-    route_triton = importlib.import_module("kernels.route_triton")
-    assert not isinstance(route_triton._route_kernel, triton.runtime.JITFunction), "not interpreted"
-    route_triton.torch = _PoisonedTorch()
+        yield call
 
 
 def _interpret_route(launch: tuple[int, int] | None, kwargs: dict) -> tuple[RouteOutput, torch.Tensor | None]:
@@ -75,18 +52,6 @@ def _interpret_route(launch: tuple[int, int] | None, kwargs: dict) -> tuple[Rout
     config = None if launch is None else route_triton.LaunchConfig(*launch)
     out = route_triton.route_triton(**kwargs, launch=config)
     return RouteOutput(*(t.clone() for t in out)), kwargs.get("counts")
-
-
-class _PoisonedTorch:
-    """torch, except that `empty` returns NaN / sentinel-filled tensors, so unwritten outputs show."""
-
-    def __getattr__(self, name: str):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        out = torch.empty(*size, dtype=dtype, device=device)
-        return out.fill_(math.nan if dtype.is_floating_point else -77)
 
 
 # ---------------------------------------------------------------- inputs
