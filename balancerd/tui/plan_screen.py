@@ -92,6 +92,9 @@ class PlanScreen(DialogScreen[bool]):
             for d in p["diff"]:
                 diff.add_row(d["layer"], d["slot"], d["gpu"], d["from"], d["to"])
             diff.display = bool(p["diff"])
+            if p.get("diff_truncated"):
+                note.insert(0, f"The diff lists the first {len(p['diff'])} slot moves; "
+                               f"{p['diff_truncated']} more are not shown.")
         elif p.get("policy") == "placement":
             note.insert(0, f"Slot-by-slot placement diff: {NOT_REPORTED} (moves per layer only).")
         self.query_one("#plan-note", Static).update("\n".join(note))

@@ -84,7 +84,8 @@ def job_text(state: ConsoleState) -> list[str]:
                    f"{num(p.moves):>6}{num(p.predicted_gain_s):>9}{num(p.migration_cost_s):>9}  {bal:<18}"
                    f"{measured:>9}  {p.why}")
     if rows and all(p.realised is None for p in rows):
-        out.append(f"  measured (realised) balancedness after a plan: {NOT_REPORTED}")
+        out.append("  measured: balancedness over the first full window after a plan is applied "
+                   "(n/r until then, or from a daemon that does not report it)")
     out += ["", "HEATMAP layers x GPUs (load / layer mean: "
             + ", ".join(f"'{m}' {label}" for m, label in zip(HEAT_MARKS, HEAT_LABELS, strict=True)) + ")"]
     grid = gpu_grid(j)
