@@ -17,8 +17,9 @@ each prompt. Each EP rank holds batch / ep sequences.
   when capture fails, and on CPU). A short eager pass gives the per-phase breakdown (CUDA events).
 * calibration (separate from the serving runs): all-to-all sweeps on each EP group (eager, and in a
   CUDA graph), and on rank 0 alone read bandwidth and matmul rates of the expert kernel
-  (moe_runtime.experts.run_experts), dense projections and attention, and the fixed cost per layer and
-  per step of the same model at toy sizes.
+  (moe_runtime.experts.run_experts; the reads as a capacity-mode decode runs it, in a CUDA graph, and
+  with no slot touched for its fixed cost), dense projections and attention, and the fixed cost per
+  layer and per step of the same model at toy sizes.
 """
 
 from __future__ import annotations
@@ -311,9 +312,14 @@ def dense_reads(args: BenchArgs, rand: Callable[..., torch.Tensor], device: torc
 
 def expert_rates(args: BenchArgs, rand: Callable[..., torch.Tensor], gen: torch.Generator,
                  device: torch.device) -> dict:
-    """run_experts with the model's expert shapes: weight reads at the decode's assignments per slot
-    (no host sizes, as in capacity mode) on K/4, K/2 and K slots, and matmul rate at prefill sizes
-    (host sizes, as in exact mode)."""
+    """run_experts with the model's expert shapes. Reads: as a capacity-mode decode step runs it, on a
+    padded receive buffer of `batch` rows (every rank's tokens) x top-k slot fields, unused ones -1, so
+    the assignment bound, the backend `select_backend` picks and the tile sizes are the decode's; 8, 16
+    and 32 of the 32 slots touched (uniform routing's assignments per slot), and none touched: the fixed
+    cost of the call (sorting, tile table, launches), which the floors already hold. Replayed from a
+    CUDA graph, as the decode runs, where the decode would use one: timed eagerly, a call is bound by
+    the host's launches (0.8-1.3 ms on the H200 host, whatever it reads), not by the reads. Matmul
+    rate at prefill sizes (host sizes, as in exact mode), eager: there the kernels are long."""
     cfg, cuda = args.config(), device.type == "cuda"
     h, inter, k = cfg.hidden, cfg.intermediate, cfg.top_k
     slots = min(cfg.experts, 32 if cuda else 8)
@@ -326,16 +332,43 @@ def expert_rates(args: BenchArgs, rand: Callable[..., torch.Tensor], gen: torch.
         sizes = torch.bincount(ids.reshape(-1).long(), minlength=used).tolist() if host_sizes else None
         return lambda: run_experts(xs, ids, wts, w_gate_up[:used], w_down[:used], sizes)
 
-    per_slot = max(1.0, args.batch * k / cfg.experts)
-    reads = []
-    for used in sorted({max(1, slots // 4), max(1, slots // 2), slots}):
-        rows = max(1, math.ceil(per_slot * used / min(k, used)))
-        us = time_calls(call(used, rows, False), 10, 2, device)
-        reads.append([used * 3 * h * inter * w_gate_up.element_size(), us])
+    rows = max(1, args.batch)  # capacity mode: world x tokens a rank = the batch, at every EP size
+    per_slot = max(1, round(args.batch * k / cfg.experts))
+
+    def decode_call(used: int) -> Callable[[], torch.Tensor]:
+        """`used` slots touched, per_slot assignments each, at random fields of the padded buffer."""
+        n = min(used * per_slot, rows * k)
+        ids = torch.full((rows * k,), -1, dtype=torch.int32, device=device)
+        where = torch.randperm(rows * k, generator=gen, device=device)[:n]
+        ids[where] = (torch.arange(n, device=device) % max(used, 1)).int()
+        ids = ids.view(rows, k)
+        wts = torch.rand(ids.shape, generator=gen, device=device)
+        xs = rand(rows, h)
+        return lambda: run_experts(xs, ids, wts, w_gate_up, w_down, None)
+
+    graph = cuda and args.graph
+    burst = 4  # calls captured back to back in one graph
+
+    def time_read(fn: Callable[[], torch.Tensor]) -> float:
+        if graph:
+            g = capture(lambda: [fn() for _ in range(burst)][-1], device)
+            return time_calls(g.replay, 5, 2, device) / burst
+        return time_calls(fn, 10, 2, device)
+
+    mode = "graph" if graph else "eager"
+    try:
+        base = time_read(decode_call(0))
+    except Exception:  # rank 0 alone: eager timing then, and the calibration says so
+        traceback.print_exc()
+        graph, mode = False, "eager (graph capture failed)"
+        base = time_read(decode_call(0))
+    reads = [[used * 3 * h * inter * w_gate_up.element_size(), time_read(decode_call(used))]
+             for used in sorted({max(1, slots // 4), max(1, slots // 2), slots})]
     big = 8192 if cuda else 64
     flops = [[rows * min(k, slots) * 6 * h * inter, time_calls(call(slots, rows, True), 5, 2, device)]
              for rows in (big // 2, big)]
-    return {"expert_read": reads, "expert_flops": flops}
+    return {"expert_read": reads, "expert_read_base_us": base, "expert_read_mode": mode,
+            "expert_flops": flops}
 
 
 def matmul_rates(args: BenchArgs, rand: Callable[..., torch.Tensor], device: torch.device) -> dict:

@@ -161,6 +161,20 @@ def fit_rate(points: Iterable[tuple[float, float]]) -> float:
     return 1.0 / fit_line(points)[1]
 
 
+def fit_net_rate(points: Iterable[tuple[float, float]], base_us: float) -> float | None:
+    """Amount per microsecond from (amount, us) points of a call whose cost with nothing to do is
+    `base_us` (a cost the floors already hold): the relative least-squares rate through the origin of
+    the net times, so the rate at each measured amount is its own (a slope would drop the extra time
+    of few slots filling the GPU badly with the intercept). None when no net time is positive."""
+    p = np.asarray(list(points), dtype=np.float64).reshape(-1, 2)
+    x, t = p[:, 0], p[:, 1] - base_us
+    keep = (x > 0) & (t > 0)
+    if not keep.any():
+        return None
+    r = x[keep] / t[keep]  # each point's own rate; the fit minimises sum (r_i / rate - 1)^2
+    return float(np.sum(r ** 2) / np.sum(r))
+
+
 def fit_floor(points: Iterable[tuple[float, float]]) -> tuple[float, float]:
     """(us per layer, us per step) from (layers, us per step) points of a launch-bound toy model."""
     p = np.asarray(list(points), dtype=np.float64).reshape(-1, 2)
@@ -188,8 +202,16 @@ def from_samples(raw: Mapping[str, Any], source: str, base: Calibration = Calibr
              "dense_flops": "dense_tflops", "expert_flops": "expert_tflops", "sdpa_flops": "sdpa_tflops"}
     for key, name in names.items():
         if raw.get(key):
-            changes[name] = fit_rate(raw[key]) * scale[key]
+            rate = None
+            if key == "expert_read" and raw.get("expert_read_base_us") is not None:
+                rate = fit_net_rate(raw[key], float(raw["expert_read_base_us"]))
+            changes[name] = (rate or fit_rate(raw[key])) * scale[key]
             measured.append(name)
+    read_mode = raw.get("expert_read_mode") or ("eager, an older calibration pass"
+                                                if "expert_read_base_us" not in raw else "graph")
+    read_note = (f"expert reads timed {read_mode}: bound by the host's launches where it is slow, "
+                 "so expert_read_gbps may be far below the GPU's" if raw.get("expert_read")
+                 and read_mode != "graph" else None)
     floors = raw.get("floor", {})
     per_layer, per_step = dict(base.floor_us_per_layer), dict(base.floor_us_per_step)
     for mode in FLOOR_MODES:
@@ -202,6 +224,8 @@ def from_samples(raw: Mapping[str, Any], source: str, base: Calibration = Calibr
         source = base.source  # nothing was measured: the defaults, as they say
     else:
         notes.append("measured: " + "; ".join(measured) + "; anything else keeps its default")
+        if read_note:
+            notes.append(read_note)
         if not any(raw.get(key) for key in ("a2a", "a2a_graph")):
             notes.append("no all-to-all was measured: the all-to-all terms keep their defaults")
         notes.extend(n for n in base.notes if n.startswith("between nodes"))

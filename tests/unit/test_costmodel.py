@@ -19,6 +19,7 @@ from balancerd.lab.calibration import (
     fit_floor,
     fit_line,
     fit_link,
+    fit_net_rate,
     from_samples,
     load,
     save,
@@ -126,6 +127,23 @@ def test_from_samples_fits_what_was_measured_and_keeps_the_rest():
     assert cal.floor_us_per_layer["eager"] == Calibration().floor_us_per_layer["eager"]
     assert cal.source == "test"
     assert any("measured" in n and "2 GPUs" in n for n in cal.notes)
+
+
+def test_expert_reads_net_of_the_fixed_cost_of_the_call():
+    # a call that costs 40 us with nothing to read, then 1 GB per 500 us at 8 slots (few tiles, a slow
+    # start) and 2 GB per 800 us at 16: each point's own rate, not the slope (which would drop the
+    # slow start with the intercept)
+    raw = {"expert_read": [[1e9, 540.0], [2e9, 840.0]], "expert_read_base_us": 40.0,
+           "expert_read_mode": "graph"}
+    cal = from_samples(raw, "test")
+    rates = np.array([2000.0, 2500.0])
+    assert cal.expert_read_gbps == pytest.approx(np.sum(rates ** 2) / np.sum(rates))
+    assert not any("expert reads timed" in n for n in cal.notes)
+    assert fit_net_rate([[1e9, 30.0]], 40.0) is None
+    # eager (or an older pass without the fixed-cost point): the old slope, and a note that says so
+    old = from_samples({"expert_read": [[1e9, 540.0], [2e9, 840.0]]}, "test")
+    assert old.expert_read_gbps == pytest.approx(1e9 / 300.0 * 1e-3)
+    assert any("expert reads timed eager" in n for n in old.notes)
 
 
 def test_calibration_file_round_trip(tmp_path):
