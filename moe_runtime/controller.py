@@ -190,7 +190,7 @@ class PlanController:
             except SegmentError:
                 self.rejected_control += 1
                 return
-        elif self._control.replaced():
+        elif step % self.config.reopen_steps == 0 and self._control.replaced():  # a stat: not every step
             self._control.close()
             self._control = None
             return

@@ -94,7 +94,8 @@ class EPMoELayer(nn.Module):
             self.shared_down.copy_(w.shared_down)
 
     def _timed(self, phase: str):
-        return nullcontext() if self.counters is None else self.counters.timed(phase, self.layer)
+        c = self.counters
+        return c.timed(phase, self.layer) if c is not None and c.timing else nullcontext()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.cfg.hidden:
