@@ -28,9 +28,10 @@ from balancerd.placement import Topology
 from balancerd.protocol import PlanResult, RejectReason
 
 if TYPE_CHECKING:
-    from balancerd.daemon import Daemon, JobRun
+    from balancerd.daemon import Daemon
     from balancerd.detect import Detection
     from balancerd.ingest import JobFeed, RankFeed
+    from balancerd.jobrun import JobRun
     from balancerd.nvml import Gpus, GpuSample
     from balancerd.state import JobState
 

@@ -72,7 +72,7 @@ def plan_diff(daemon: Daemon, job: str) -> list[dict]:
     with daemon._lock:
         run, feed = daemon.runs[job], daemon.ingest.jobs[job]
         _, served = feed.served_placement(daemon.log)
-        new = daemon._propose(job, run, feed).phys_to_log
+        new = daemon.propose(job, run, feed).phys_to_log
     spr = feed.shape.slots_per_rank
     return [{"layer": int(layer), "slot": int(slot), "gpu": int(slot) // spr,
              "from": int(served[layer, slot]), "to": int(new[layer, slot])}
