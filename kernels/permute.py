@@ -6,12 +6,14 @@ token's hidden vector and, after it, k local slot ids (-1 where that assignment 
 and k weights, so a single all-to-all carries rows and metadata. `combine` sums the rows that come
 back per token. Destination side: `group_by_slot` sorts the received assignments by local slot
 (device-side segment offsets), `gather_rows` lays the rows out slot-major for the expert GEMM and
-`unpermute` returns each row's weighted sum of its assignments' outputs.
+`unpermute` returns each row's weighted sum of its assignments' outputs; `count_slots` adds the
+received assignments per local slot into a telemetry counter.
 
 Index bookkeeping is plain torch on the device (sorts, cumsums, scatters: no host sync). The data
-movers `pack`, `gather_rows`, `unpermute` and `combine` run Triton kernels (kernels/permute_triton.py)
-on CUDA tensors and their torch references on CPU; `force_triton` runs the kernel on CPU tensors
-under the Triton interpreter (TRITON_INTERPRET=1 set before the first call), for tests.
+movers `pack`, `gather_rows`, `unpermute` and `combine`, and `count_slots`, run Triton kernels
+(kernels/permute_triton.py) on CUDA tensors and their torch references on CPU; `force_triton` runs
+the kernel on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set before the first
+call), for tests.
 """
 
 from __future__ import annotations
@@ -207,3 +209,27 @@ def unpermute(ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, dtype:
 
         return unpermute_triton(ys, pos, weights, dtype)
     return unpermute_reference(ys, pos, weights, dtype)
+
+
+def count_slots_reference(slots: torch.Tensor, counts: torch.Tensor, record: torch.Tensor | None) -> None:
+    """Torch reference of `count_slots`."""
+    k = counts.shape[0]
+    key = torch.where((slots >= 0) & (slots < k), slots, k).reshape(-1).long()
+    per_slot = torch.zeros(k + 1, dtype=counts.dtype, device=counts.device)
+    per_slot.index_add_(0, key, torch.ones(key.shape, dtype=counts.dtype, device=counts.device))
+    counts.add_(per_slot[:k] if record is None else per_slot[:k] * record)
+
+
+def count_slots(slots: torch.Tensor, counts: torch.Tensor, record: torch.Tensor | None = None,
+                force_triton: bool = False) -> None:
+    """counts[s] += (assignments of slots [R, k] to local slot s) * record, in place, with no host sync.
+
+    slots may be a strided view (the received metadata); -1 entries are unused. counts [K] int32;
+    record (0-d int32 on the device, optional) gates the update without a recompile or graph re-capture.
+    """
+    if use_triton(slots, force_triton):
+        from kernels.permute_triton import count_slots_triton
+
+        count_slots_triton(slots, counts, record)
+        return
+    count_slots_reference(slots, counts, record)

@@ -1,9 +1,10 @@
-"""Triton kernels behind kernels/permute.py: pack, combine, gather_rows and unpermute.
+"""Triton kernels behind kernels/permute.py: pack, combine, gather_rows, unpermute and count_slots.
 
 All four move rows of the hidden size by index, one [rows, BLOCK_H] tile a program, and never sync
 with the host. pack and combine take one token a program and all W ranks at once (x is read once
 and written up to W times; the W returned rows are summed in registers). gather_rows and unpermute
-read their assignment count and indices on the device. Shapes and dtypes are checked by the callers.
+read their assignment count and indices on the device. count_slots is a per-program histogram and one
+atomic per non-empty slot per program. Shapes and dtypes are checked by the callers.
 """
 
 from __future__ import annotations
@@ -170,3 +171,33 @@ def unpermute_triton(ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor,
         ys, ys.stride(0), pos.to(torch.int32).contiguous(), weights, weights.stride(0), out, rows, hidden,
         K=k, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4)
     return out
+
+
+@triton.jit
+def _count_slots_kernel(slots_ptr, stride_s, counts_ptr, record_ptr, entries, slots_here,
+                        K: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr, HAS_RECORD: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < entries
+    slot = tl.load(slots_ptr + (i // K).to(tl.int64) * stride_s + i % K, mask=ok, other=-1)
+    used = ok & (slot >= 0) & (slot < slots_here)
+    hist = tl.histogram(tl.where(used, slot, 0), BINS, mask=used)
+    if HAS_RECORD:
+        hist = hist * tl.load(record_ptr)
+    b = tl.arange(0, BINS)
+    tl.atomic_add(counts_ptr + b, hist, mask=(b < slots_here) & (hist != 0), sem="relaxed")
+
+
+COUNT_BLOCK = 2048  # entries a program: one program up to 256 tokens x top-8
+
+
+def count_slots_triton(slots: torch.Tensor, counts: torch.Tensor, record: torch.Tensor | None) -> None:
+    """kernels.permute.count_slots in one launch."""
+    rows, k = slots.shape
+    if rows == 0:
+        return
+    if slots.stride(1) != 1:
+        slots = slots.contiguous()
+    _count_slots_kernel[(triton.cdiv(rows * k, COUNT_BLOCK),)](
+        slots, slots.stride(0), counts, counts if record is None else record, rows * k, counts.shape[0],
+        K=k, BLOCK=COUNT_BLOCK, BINS=triton.next_power_of_2(counts.shape[0]), HAS_RECORD=record is not None,
+        num_warps=4)

@@ -23,21 +23,13 @@ class Received(NamedTuple):
     slots: torch.Tensor            # [R, k] int32 local slot ids, -1 unused
     weights: torch.Tensor          # [R, k] float32
     slot_sizes: list[int] | None   # exact mode: assignments per local slot, on the host
-    received: torch.Tensor         # [K] int32 assignments per local slot
-    dropped: torch.Tensor | None   # capacity mode: 0-d int64 assignments dropped at the source
+    dropped: torch.Tensor | None   # 0-d int64 assignments dropped at the source; None where none can be
 
 
 class ReturnPath(NamedTuple):
     result: torch.Tensor           # [W, T] int32 sent row whose result comes back to each token, -1 none
     send_splits: list[int] | None  # rows sent to each rank (exact mode)
     recv_splits: list[int] | None  # rows received from each rank (exact mode)
-
-
-def _received_per_slot(slots: torch.Tensor, k: int) -> torch.Tensor:
-    counts = torch.zeros(k + 1, dtype=torch.int32, device=slots.device)
-    counts.index_add_(0, torch.where(slots < 0, k, slots).reshape(-1).long(),
-                      torch.ones(slots.numel(), dtype=torch.int32, device=slots.device))
-    return counts[:k]
 
 
 def dispatch(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: EPGroup, slots_per_rank: int,
@@ -48,14 +40,14 @@ def dispatch(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: 
     dest, local = phys // k, phys % k
     if config.mode == "capacity":
         capacity = config.capacity(tokens, top_k, world * k)
-        dropped = torch.zeros((), dtype=torch.int64, device=x.device)
+        dropped = None  # a slot never receives more than `tokens` assignments
         if capacity < tokens:
             keep, dropped = drop_overflow(phys, weights, capacity)
             dest = torch.where(keep, dest, -1)
         routes = route_rows(dest, world, padded=True)
         buf = pack(x, dest, local, weights, routes.send, world * tokens)
         rx, slots, w = unpack(group.all_to_all(buf), x.shape[1], top_k)
-        return (Received(rx, slots, w, None, _received_per_slot(slots, k), dropped),
+        return (Received(rx, slots, w, None, dropped),
                 ReturnPath(routes.result, None, None))
 
     routes = route_rows(dest, world, padded=False)
@@ -69,8 +61,7 @@ def dispatch(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: 
     recv_splits = recv_host[:, 0].tolist()
     buf = pack(x, dest, local, weights, routes.send, sum(send_splits))
     rx, slots, w = unpack(group.all_to_all(buf, recv_splits, send_splits), x.shape[1], top_k)
-    received = recv_counts[:, 1:].sum(0, dtype=torch.int32)
-    return (Received(rx, slots, w, recv_host[:, 1:].sum(0).tolist(), received, None),
+    return (Received(rx, slots, w, recv_host[:, 1:].sum(0).tolist(), None),
             ReturnPath(routes.result, send_splits, recv_splits))
 
 

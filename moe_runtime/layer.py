@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.permute import count_slots
 from kernels.route import route
 from moe_runtime.config import NORM_EPS, DispatchConfig, MoEConfig
 from moe_runtime.counters import Counters
@@ -113,8 +114,8 @@ class EPMoELayer(nn.Module):
             out = combine(y, path, self.group, x.shape[0])
         if self.shared_gate_up is not None:
             out += swiglu(x, self.shared_gate_up, self.shared_down).float()
-        if c is not None:  # one fused multiply-add each, gated by the device flag
-            c.received[layer].addcmul_(recv.received, c.record)
+        if c is not None:  # one launch each, gated by the device flag
+            count_slots(recv.slots, c.received[layer], c.record)
             if self.selection_bias is not None:
                 c.bias_changed[layer].addcmul_(r.changed, c.record)
             if recv.dropped is not None:

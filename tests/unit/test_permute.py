@@ -24,14 +24,20 @@ def triton_call():
     """Call a kernels.permute function with force_triton=True in the interpreter worker (triton_worker)."""
     with interpreter_worker(("kernels.permute_triton", "_pack_kernel")) as run:
 
-        def call(name: str, *args):
-            return run(_run, name, args)
+        def call(name, *args):
+            """A kernels.permute function by name, or a module-level function of this file."""
+            return run(_run, name, args) if isinstance(name, str) else run(name, *args)
 
         yield call
 
 
 def _run(name: str, args: tuple):
     return getattr(permute, name)(*args, force_triton=True)
+
+
+def _count_slots(slots: torch.Tensor, counts: torch.Tensor, record: torch.Tensor | None) -> torch.Tensor:
+    permute.count_slots(slots, counts, record, force_triton=True)
+    return counts
 
 
 # ---------------------------------------------------------------- inputs
@@ -199,6 +205,22 @@ def test_gather_and_unpermute_kernels_match_references(gen, triton_call, rows, t
     torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("record", [None, 1, 0])
+@pytest.mark.parametrize("rows, top_k, per_rank", [(1, 1, 1), (1, 8, 5), (13, 3, 7), (300, 8, 130),
+                                                   (700, 4, 257)])
+def test_count_slots_kernel_adds_exact_counts(gen, triton_call, rows, top_k, per_rank, record) -> None:
+    """Counts added into a non-zero counter, from a strided view of the received metadata."""
+    received = torch.randint(-1, per_rank, (rows, 2 * top_k + 3), generator=gen).int()
+    slots = received[:, 2:2 + top_k]
+    flag = None if record is None else torch.tensor(record, dtype=torch.int32)
+    start = torch.randint(0, 9, (per_rank,), generator=gen).int()
+    want = start + (0 if record == 0 else torch.bincount(slots[slots >= 0].long(), minlength=per_rank).int())
+    reference = start.clone()
+    permute.count_slots(slots, reference, flag)
+    assert torch.equal(reference, want)
+    assert torch.equal(triton_call(_count_slots, slots, start.clone(), flag), want)
+
+
 # ---------------------------------------------------------------- compiled for the H200 (no GPU needed)
 
 
@@ -224,3 +246,15 @@ def test_kernels_compile_for_h200_with_vector_copies() -> None:
         kernel, _ = sm90.compile_sm90(fn, signature, constexprs, pointers + aligned_ints, num_warps=4)
         ptx = kernel.asm["ptx"]
         assert "ld.global.v4" in ptx and "st.global.v4" in ptx, fn.__name__
+
+
+@pytest.mark.skipif(not sm90.AVAILABLE, reason="triton without its CUDA backend")
+def test_count_slots_kernel_compiles_for_h200() -> None:
+    from kernels import permute_triton as pt
+
+    constexprs = dict(K=8, BLOCK=pt.COUNT_BLOCK, BINS=256, HAS_RECORD=True)
+    args = [a for a in pt._count_slots_kernel.arg_names if a not in constexprs]
+    pointers = [a for a in args if a.endswith("_ptr")]
+    signature = {a: "*i32" if a in pointers else "i32" for a in args}
+    kernel, _ = sm90.compile_sm90(pt._count_slots_kernel, signature, constexprs, pointers, num_warps=4)
+    assert "atom.global" in kernel.asm["ptx"] or "red.global" in kernel.asm["ptx"]
