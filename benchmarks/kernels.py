@@ -22,7 +22,7 @@ import statistics
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 if not __package__:  # run as a file: `kernels` must be the package, not this script
@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from kernels.route import RoutingSpec, route, route_reference  # noqa: E402
-from kernels.route_triton import LaunchConfig, route_triton  # noqa: E402
+from kernels.route_triton import LaunchConfig, default_launch, route_triton  # noqa: E402
 
 PEAK_BYTES_PER_S = 4.24e12  # measured H200 device copy bandwidth (read + write), shared/ANCHORS.md
 TOKENS = (1, 16, 64, 256, 4096, 65536)
@@ -107,11 +107,20 @@ def cases(preset: Preset, w: Workload, sweep: bool) -> dict[str, Callable[[int],
                                              record=w.off),
         "triton-selection-bias": lambda i: route(w.logits[i], spec, correction_bias=cb,
                                                  selection_bias=w.selection, counts=w.counts, record=w.on),
+        "triton-block-a-program": lambda i: route_triton(  # no grid-stride loop: a tally per block
+            w.logits[i], spec, correction_bias=cb, counts=w.counts, record=w.on,
+            launch=replace(default_launch(w.logits[i].shape[0], spec), programs=1 << 30)),
         "gemm": gemm,
         "gemm+triton": lambda i: route(gemm(i), spec, correction_bias=cb, counts=w.counts, record=w.on),
         "gemm+reference": lambda i: route_reference(gemm(i), spec, correction_bias=cb, counts=w.counts),
     }
     if sweep:
+        sms = torch.cuda.get_device_properties(w.counts.device).multi_processor_count
+        for per_sm in (1, 2, 8, 16):
+            out[f"triton[programs/SM={per_sm}]"] = (
+                lambda i, per_sm=per_sm: route_triton(
+                    w.logits[i], spec, correction_bias=cb, counts=w.counts, record=w.on,
+                    launch=replace(default_launch(w.logits[i].shape[0], spec), programs=per_sm * sms)))
         for block_t in (1, 2, 4, 8, 16, 32, 64):
             for warps in (1, 2, 4, 8):
                 launch = LaunchConfig(block_t, warps)
@@ -122,7 +131,7 @@ def cases(preset: Preset, w: Workload, sweep: bool) -> dict[str, Callable[[int],
 
 
 def modes_for(case: str) -> tuple[str, ...]:
-    if case.startswith("triton[") or case == "gemm+reference":
+    if case.startswith("triton[") or case in ("gemm+reference", "triton-block-a-program"):
         return ("graph-x16",)
     return ("eager", "graph", "graph-x16")
 
@@ -247,7 +256,8 @@ def measure(preset: Preset, tokens: int, rec: Recorder, sweep: bool, gen: torch.
 
 MD_COLUMNS = [("reference", "eager"), ("reference", "graph"), ("triton", "eager"), ("triton", "graph"),
               ("triton", "graph-x16"), ("triton-no-counts", "graph-x16"), ("triton-record-off", "graph-x16"),
-              ("triton-selection-bias", "graph-x16"), ("gemm", "graph"), ("gemm+triton", "graph"),
+              ("triton-selection-bias", "graph-x16"), ("triton-block-a-program", "graph-x16"),
+              ("gemm", "graph"), ("gemm+triton", "graph"),
               ("gemm+reference", "graph-x16")]
 
 

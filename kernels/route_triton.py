@@ -1,12 +1,13 @@
 """Fused routing kernel: logits -> scores -> (grouped) top-k -> weights -> per-expert counts.
 
-One program routes BLOCK_T tokens with a whole row of experts in registers: a [BLOCK_T, GP * GSP]
-tile (groups and group size each padded to a power of two and masked), viewed as
+A program routes blocks of BLOCK_T tokens (a grid-stride loop over blocks, at most a few programs a
+multiprocessor) with a whole row of experts in registers: a [BLOCK_T, GP * GSP] tile (groups and
+group size each padded to a power of two and masked), viewed as
 [BLOCK_T, GP, GSP] for the group stage. Every selection step is a max over packed int64 keys,
 (order-preserving bits of the score) << 32 | (2^31 - 1 - expert), so one reduction yields both the
 largest score and, among equal scores, the lowest expert index: exactly torch's stable descending
 order. A chosen key is overwritten with MIN_KEY, which also marks the assignments for the
-per-program histogram (one atomic per expert per program). Design notes: docs/_kernels_notes.md.
+per-program tally (summed once, then one atomic per expert per program). Design notes: docs/_kernels_notes.md.
 """
 
 from __future__ import annotations
@@ -26,24 +27,39 @@ LOW_BITS = tl.constexpr(2**31 - 1)
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tokens per program and warps per program."""
+    """Tokens per block, warps per program, and at most `programs` programs (None: PROGRAMS_PER_SM a
+    streaming multiprocessor), each looping over blocks."""
 
     block_t: int
     num_warps: int
+    programs: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_t < 1 or self.block_t & (self.block_t - 1):
             raise ValueError(f"block_t must be a power of two >= 1, got {self.block_t}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
+        if self.programs is not None and self.programs < 1:
+            raise ValueError(f"programs must be >= 1, got {self.programs}")
+
+
+# Resident programs a streaming multiprocessor: enough warps to hide latency, while the per-program
+# histograms (one atomic per expert per program) stay few: 528 programs on an H200.
+PROGRAMS_PER_SM = 4
 
 
 def default_launch(tokens: int, spec: RoutingSpec) -> LaunchConfig:
-    """Spread small batches over about 128 programs (latency); at most 2048 scores a program and
+    """Spread small batches over about 128 programs (latency); at most 2048 scores a block and
     16 scores a lane (the fewest instructions a row in ahead-of-time sm_90 builds)."""
     row = triton.next_power_of_2(spec.groups) * triton.next_power_of_2(spec.group_size)
     block_t = min(max(1, 2048 // row), triton.next_power_of_2(triton.cdiv(max(tokens, 1), 128)))
     return LaunchConfig(block_t, min(8, max(1, block_t * row // 512)))
+
+
+def _program_cap(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1 << 30  # the interpreter: one block a program unless the launch says otherwise
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit
@@ -102,70 +118,76 @@ def _select(sel, expert, valid, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
 
 @triton.jit
 def _route_kernel(logits_ptr, stride_t, cbias_ptr, sbias_ptr, counts_ptr, record_ptr,
-                  ids_ptr, weights_ptr, changed_ptr, tokens, scale,
+                  ids_ptr, weights_ptr, changed_ptr, tokens, blocks, programs, scale,
                   GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUPS: tl.constexpr,
                   K: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr, GSP: tl.constexpr,
                   KP: tl.constexpr, SOFTMAX: tl.constexpr, RENORMALIZE: tl.constexpr,
                   HAS_CBIAS: tl.constexpr, HAS_SBIAS: tl.constexpr, COUNT: tl.constexpr,
                   HAS_RECORD: tl.constexpr, ACCUMULATE_CHANGED: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < tokens
-    row_base = logits_ptr + rows.to(tl.int64) * stride_t
     # column c holds member c % GSP of group c // GSP; the padding columns are masked
     col = tl.arange(0, GP * GSP)
     expert = (col // GSP) * GROUP_SIZE + col % GSP
     valid = (col % GSP < GROUP_SIZE) & (col // GSP < GROUPS)
-
-    x = tl.load(row_base[:, None] + expert[None, :], mask=row_ok[:, None] & valid[None, :],
-                other=0.0).to(tl.float32)
-    if SOFTMAX:
-        x = tl.where(valid[None, :], x, float("-inf"))
-        row_max = tl.max(x, axis=1)
-        exps = tl.exp(x - row_max[:, None])
-        row_sum = tl.sum(exps, axis=1)
-        score = exps / row_sum[:, None]
-    else:
-        score = tl.sigmoid(x)
-    sel = score
-    if HAS_CBIAS:
-        sel = sel + tl.load(cbias_ptr + expert, mask=valid, other=0.0)[None, :]
-    biased = sel
-    if HAS_SBIAS:
-        biased = sel + tl.load(sbias_ptr + expert, mask=valid, other=0.0)[None, :]
-
-    ids, key = _select(biased, expert, valid, GROUPS, TOPK_GROUPS, GP, GSP, K, KP, BLOCK_T)
-    chosen = (key == MIN_KEY) & valid[None, :] & row_ok[:, None]
-
+    slot = tl.arange(0, KP)
+    # Counts build up element-wise over the program's blocks: one reduction and one atomic per
+    # expert at the end, not per block.
+    tally = tl.zeros([BLOCK_T, GP * GSP], dtype=tl.int32)
     changed = tl.full([], 0, tl.int64)
-    if HAS_SBIAS:
-        _, unbiased_key = _select(sel, expert, valid, GROUPS, TOPK_GROUPS, GP, GSP, K, KP, BLOCK_T)
-        moved = chosen & (unbiased_key != MIN_KEY)
-        changed = tl.sum(tl.sum(moved.to(tl.int64), axis=1), axis=0)
+    block = pid
+    while block < blocks:  # a while loop: the interpreter cannot take a run-time range bound
+        rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_ok = rows < tokens
+        row_base = logits_ptr + rows.to(tl.int64) * stride_t
+        x = tl.load(row_base[:, None] + expert[None, :], mask=row_ok[:, None] & valid[None, :],
+                    other=0.0).to(tl.float32)
+        if SOFTMAX:
+            x = tl.where(valid[None, :], x, float("-inf"))
+            row_max = tl.max(x, axis=1)
+            exps = tl.exp(x - row_max[:, None])
+            row_sum = tl.sum(exps, axis=1)
+            score = exps / row_sum[:, None]
+        else:
+            score = tl.sigmoid(x)
+        sel = score
+        if HAS_CBIAS:
+            sel = sel + tl.load(cbias_ptr + expert, mask=valid, other=0.0)[None, :]
+        biased = sel
+        if HAS_SBIAS:
+            biased = sel + tl.load(sbias_ptr + expert, mask=valid, other=0.0)[None, :]
+
+        ids, key = _select(biased, expert, valid, GROUPS, TOPK_GROUPS, GP, GSP, K, KP, BLOCK_T)
+        chosen = (key == MIN_KEY) & valid[None, :] & row_ok[:, None]
+        if HAS_SBIAS:
+            _, unbiased_key = _select(sel, expert, valid, GROUPS, TOPK_GROUPS, GP, GSP, K, KP, BLOCK_T)
+            moved = chosen & (unbiased_key != MIN_KEY)
+            changed += tl.sum(tl.sum(moved.to(tl.int64), axis=1), axis=0)
+        if COUNT:
+            tally += chosen.to(tl.int32)
+
+        out_mask = row_ok[:, None] & (slot[None, :] < K)
+        picked = tl.load(row_base[:, None] + ids, mask=out_mask, other=0.0).to(tl.float32)
+        if SOFTMAX:
+            weights = tl.exp(picked - row_max[:, None]) / row_sum[:, None]
+        else:
+            weights = tl.sigmoid(picked)
+        weights = tl.where(slot[None, :] < K, weights, 0.0)
+        if RENORMALIZE:
+            weights = weights / tl.sum(weights, axis=1)[:, None]
+        out = rows.to(tl.int64)[:, None] * K + slot[None, :]
+        tl.store(ids_ptr + out, ids.to(tl.int64), mask=out_mask)
+        tl.store(weights_ptr + out, weights * scale, mask=out_mask)
+        block += programs
+
     if ACCUMULATE_CHANGED:
         tl.atomic_add(changed_ptr, changed, sem="relaxed")
     else:
         tl.store(changed_ptr, changed, mask=pid == 0)
-
     if COUNT:
-        hist = tl.sum(chosen.to(tl.int32), axis=0)
+        hist = tl.sum(tally, axis=0)
         if HAS_RECORD:
             hist = hist * tl.load(record_ptr)
         tl.atomic_add(counts_ptr + expert, hist, mask=valid & (hist != 0), sem="relaxed")
-
-    slot = tl.arange(0, KP)
-    out_mask = row_ok[:, None] & (slot[None, :] < K)
-    picked = tl.load(row_base[:, None] + ids, mask=out_mask, other=0.0).to(tl.float32)
-    if SOFTMAX:
-        weights = tl.exp(picked - row_max[:, None]) / row_sum[:, None]
-    else:
-        weights = tl.sigmoid(picked)
-    weights = tl.where(slot[None, :] < K, weights, 0.0)
-    if RENORMALIZE:
-        weights = weights / tl.sum(weights, axis=1)[:, None]
-    out = rows.to(tl.int64)[:, None] * K + slot[None, :]
-    tl.store(ids_ptr + out, ids.to(tl.int64), mask=out_mask)
-    tl.store(weights_ptr + out, weights * scale, mask=out_mask)
 
 
 def kernel_constants(spec: RoutingSpec, launch: LaunchConfig, *, correction: bool, selection: bool,
@@ -194,9 +216,10 @@ def route_triton(logits: torch.Tensor, spec: RoutingSpec, *, correction_bias: to
     tokens = logits.shape[0]
     launch = launch or default_launch(tokens, spec)
     device = logits.device
+    blocks = triton.cdiv(tokens, launch.block_t)
+    programs = min(blocks, launch.programs or _program_cap(device))
     ids = torch.empty((tokens, spec.top_k), dtype=torch.int64, device=device)
     weights = torch.empty((tokens, spec.top_k), dtype=torch.float32, device=device)
-    programs = triton.cdiv(tokens, launch.block_t)
     accumulate = selection_bias is not None and programs > 1
     if accumulate or programs == 0:
         changed = torch.zeros((), dtype=torch.int64, device=device)
@@ -211,7 +234,7 @@ def route_triton(logits: torch.Tensor, spec: RoutingSpec, *, correction_bias: to
         unused if selection_bias is None else selection_bias,
         unused if counts is None else counts,
         unused if record is None else record,
-        ids, weights, changed, tokens, float(spec.scale),
+        ids, weights, changed, tokens, blocks, programs, float(spec.scale),
         **kernel_constants(spec, launch, correction=correction_bias is not None,
                            selection=selection_bias is not None, count=counts is not None,
                            record=record is not None, accumulate=accumulate),

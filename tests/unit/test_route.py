@@ -41,13 +41,13 @@ def interpreted():
     """Run `route_triton` in the interpreter worker (triton_worker). Returns (RouteOutput, counts after)."""
     with interpreter_worker(("kernels.route_triton", "_route_kernel"), timeout=120) as run:
 
-        def call(launch: tuple[int, int] | None = None, **kwargs) -> tuple[RouteOutput, torch.Tensor | None]:
+        def call(launch: tuple[int, ...] | None = None, **kwargs) -> tuple[RouteOutput, torch.Tensor | None]:
             return run(_interpret_route, launch, kwargs)
 
         yield call
 
 
-def _interpret_route(launch: tuple[int, int] | None, kwargs: dict) -> tuple[RouteOutput, torch.Tensor | None]:
+def _interpret_route(launch: tuple[int, ...] | None, kwargs: dict) -> tuple[RouteOutput, torch.Tensor | None]:
     route_triton = importlib.import_module("kernels.route_triton")
     config = None if launch is None else route_triton.LaunchConfig(*launch)
     out = route_triton.route_triton(**kwargs, launch=config)
@@ -274,11 +274,17 @@ def _split_in_four(tokens: int) -> tuple[int, int]:
     return 1 << max(0, math.ceil(math.log2(max(tokens, 1) / 4))), 1
 
 
+def _three_programs_looping(tokens: int) -> tuple[int, int, int]:
+    """Blocks of 2 tokens over at most 3 programs: each program loops over several blocks."""
+    return 2, 1, 3
+
+
 VARIANTS = {  # the interpreter runs programs one after another: a few programs a call keep it quick
     # name: (correction, selection, dtype, record, launch)
     "biased-record-on-one-program": (True, True, torch.float32, 1, _one_program),
     "plain-record-off-split": (True, False, torch.float32, 0, _split_in_four),
     "bf16-biased-split": (False, True, torch.bfloat16, None, _split_in_four),
+    "biased-record-on-grid-stride": (True, True, torch.float32, 1, _three_programs_looping),
 }
 
 
@@ -327,10 +333,11 @@ def test_triton_empty_batch(interpreted):
     assert out.ids.shape == (0, 8) and int(out.changed) == 0
 
 
-@pytest.mark.parametrize("block_t, num_warps", [(3, 4), (0, 4), (4, 3)])
-def test_launch_config_validation(block_t, num_warps):
+@pytest.mark.parametrize("block_t, num_warps, programs",
+                         [(3, 4, None), (0, 4, None), (4, 3, None), (4, 4, 0)])
+def test_launch_config_validation(block_t, num_warps, programs):
     with pytest.raises(ValueError):
-        LaunchConfig(block_t, num_warps)
+        LaunchConfig(block_t, num_warps, programs)
 
 
 # ---------------------------------------------------------------- Triton kernel, compiled for Hopper
@@ -354,7 +361,8 @@ def test_kernel_compiles_for_hopper_without_a_gpu(name, selection, launch):
                                  count=True, record=True, accumulate=selection)
     types = {"logits_ptr": "*bf16", "stride_t": "i32", "cbias_ptr": "*fp32", "sbias_ptr": "*fp32",
              "counts_ptr": "*i32", "record_ptr": "*i32", "ids_ptr": "*i64", "weights_ptr": "*fp32",
-             "changed_ptr": "*i64", "tokens": "i32", "scale": "fp32"} | dict.fromkeys(constants, "constexpr")
+             "changed_ptr": "*i64", "tokens": "i32", "blocks": "i32", "programs": "i32",
+             "scale": "fp32"} | dict.fromkeys(constants, "constexpr")
     source = compiler.ASTSource(_route_kernel, types, {(names.index(k),): v for k, v in constants.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": launch[1]})
     assert compiled.asm["cubin"]
