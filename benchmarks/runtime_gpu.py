@@ -17,8 +17,10 @@ Sections (--sections, default all):
 * overhead: step time with counters + telemetry (a PlanController publishing every 16 steps into a
   temp runtime dir) on against off (counters=None, no controller), same stack, on/off segments
   interleaved in ABBA order to cancel drift; Qwen3-235B and DeepSeek-V3 shapes with the layers
-  reduced, bf16, exact mode, 64 and 4096 tokens per rank. Each step's time is the max over ranks;
-  each mode's figure is the median over its segments of the segment's mean step.
+  reduced, bf16, 64 and 4096 tokens per rank; eager exact dispatch, and (--overhead-dispatch graph)
+  capacity dispatch replayed from one CUDA graph per mode. Each step's time is the max over ranks; the
+  overhead is the mean over adjacent on/off segment pairs of their difference in mean step, with a
+  95% confidence interval from the spread of those differences.
 
 Results: DIR/<section>.csv, .json and .md (rewritten after every row, so a failure keeps the rows
 before it), DIR defaulting to $OUT, else ./out. Timing: synchronize before every host clock read,
@@ -61,6 +63,7 @@ from moe_runtime import (  # noqa: E402
     dense_stack,
     ep_group,
 )
+from moe_runtime.bench_ep import capture  # noqa: E402
 from moe_runtime.controller import PlanController  # noqa: E402
 from moe_runtime.synthetic import device_weights, load_layers  # noqa: E402
 from moe_runtime.telemetry import TelemetryConfig  # noqa: E402
@@ -261,34 +264,65 @@ def sync_case(group: EPGroup, model: str, mode: str, tokens: int, seed: int) -> 
     return row
 
 
-def overhead_case(group: EPGroup, model: str, tokens: int, args: argparse.Namespace) -> dict:
-    """Step time with counters + PlanController publishing (on) against counters=None (off)."""
+OVERHEAD_DISPATCH = ("exact", "graph")
+
+
+def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argparse.Namespace) -> dict:
+    """Step time with counters + PlanController publishing (on) against counters=None (off).
+
+    how "exact": eager forward, exact dispatch. "graph": capacity dispatch, one CUDA graph per mode
+    replayed each step (how engines run decode); the publisher runs outside the graph, as it would.
+    """
     layers = args.overhead_layers
     cfg = small_config(model, layers) if args.tiny else MoEConfig.preset(model, layers=layers)
     dtype = DTYPES[args.dtype]
+    graphed = how == "graph"
+    if graphed and group.device.type != "cuda":
+        return {"error": "skipped: CUDA graphs need CUDA"}
     k = cfg.experts // group.world + args.extra_slots
     placement = RuntimePlacement.initial(cfg.layers, cfg.experts, group.world, k, group.device)
     counters = Counters(cfg.layers, cfg.experts, k, group.device)
-    stack = EPMoEStack(cfg, group, placement, dispatch=DispatchConfig("exact"), counters=counters,
-                       dtype=dtype)
+    stack = EPMoEStack(cfg, group, placement, dispatch=DispatchConfig("capacity" if graphed else "exact"),
+                       counters=counters, dtype=dtype)
     load_layers(stack, lambda layer: device_weights(cfg, layer, args.seed, group.device, dtype), keep=False)
     gen = torch.Generator(device=group.device).manual_seed(args.seed + group.rank)
     inputs = [torch.randn(tokens, cfg.hidden, generator=gen, device=group.device, dtype=dtype)
               for _ in range(4)]
+
+    def attach(mode: str) -> None:
+        for layer in stack.layers:
+            layer.counters = counters if mode == "on" else None
+
+    if graphed:
+        static = inputs[0].clone()
+        graphs = {}
+        with torch.no_grad():
+            for mode in ("off", "on"):
+                attach(mode)
+                graphs[mode] = capture(lambda: stack(static), group.device)
+        counters.reset()
+
+        def forward(mode: str, i: int) -> None:
+            static.copy_(inputs[i % len(inputs)])
+            graphs[mode].replay()
+    else:
+        def forward(mode: str, i: int) -> None:
+            attach(mode)
+            stack(inputs[i % len(inputs)])
+
+    seg, interval = args.segment_steps, args.interval
     with tempfile.TemporaryDirectory(prefix="balancerd-bench-") as runtime:
-        telemetry = TelemetryConfig(job=f"ovh{group.rank}", interval_steps=args.interval, directory=runtime)
+        telemetry = TelemetryConfig(job=f"ovh{group.rank}", interval_steps=interval, directory=runtime)
         controller = PlanController(stack, placement, group, counters, telemetry=telemetry)
         times: dict[str, list[float]] = {"off": [], "on": []}
         on_step = 0
 
         def segment(mode: str, steps: int, keep: bool) -> None:
             nonlocal on_step
-            for layer in stack.layers:
-                layer.counters = counters if mode == "on" else None
             for i in range(steps):
                 sync(group.device)
                 start = time.perf_counter()
-                stack(inputs[i % len(inputs)])
+                forward(mode, i)
                 if mode == "on":
                     controller.after_step(on_step, tokens)
                     on_step += 1
@@ -300,33 +334,37 @@ def overhead_case(group: EPGroup, model: str, tokens: int, args: argparse.Namesp
             with torch.no_grad():
                 for mode in ("on", "off"):
                     segment(mode, args.warmup, keep=False)
+                # Publish steps fall mid-segment, so a publish's background write lands in its own segment.
+                on_step += (interval // 2 - on_step) % interval
                 for pair in range(args.segments):
                     for mode in (("off", "on") if pair % 2 == 0 else ("on", "off")):
-                        segment(mode, args.segment_steps, keep=True)
+                        segment(mode, seg, keep=True)
         finally:
             controller.close()
-    n, seg = len(times["off"]), args.segment_steps
+    n = len(times["off"])
     step_max = max_over_ranks(times["off"] + times["on"], group)  # the slowest rank sets each step
     steps = {"off": step_max[:n], "on": step_max[n:]}
-    # Per segment, the mean step (publish steps included at their share); the median over segments.
+    # Per segment the mean step (publish steps at their share); segments of a pair are adjacent (ABBA),
+    # so their difference cancels drift, and the spread of the differences gives the uncertainty.
     means = {m: [statistics.fmean(t[i:i + seg]) for i in range(0, n, seg)] for m, t in steps.items()}
-    off, on = statistics.median(means["off"]), statistics.median(means["on"])
-    half = len(means["off"]) // 2  # the same configuration measured twice: what this can resolve
-    noise = abs(statistics.median(means["off"][:half]) - statistics.median(means["off"][half:])) / off
-    step_off, step_on = statistics.median(steps["off"]), statistics.median(steps["on"])
-    return {"slots_per_rank": k, "steps_per_mode": n, "off_ms": off * 1e3, "on_ms": on * 1e3,
-            "overhead_pct": (on / off - 1) * 100, "noise_pct": noise * 100,
-            "target_met": "unresolved" if noise > 0.005 else (on / off - 1) <= 0.005,
-            "median_step_off_ms": step_off * 1e3,
-            "median_step_on_ms": step_on * 1e3, "median_step_overhead_pct": (step_on / step_off - 1) * 100,
-            "publishes": on_step // args.interval}
+    off = statistics.fmean(means["off"])
+    diffs = [(a - b) / off for a, b in zip(means["on"], means["off"], strict=True)]
+    overhead = statistics.fmean(diffs)
+    ci95 = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("inf")
+    target = 0.005
+    met = "yes" if overhead + ci95 <= target else "no" if overhead - ci95 > target else "unresolved"
+    return {"slots_per_rank": k, "steps_per_mode": n, "off_ms": off * 1e3,
+            "on_ms": statistics.fmean(means["on"]) * 1e3, "overhead_pct": overhead * 100,
+            "ci95_pct": ci95 * 100, "target_met": met,
+            "median_step_overhead_pct": (statistics.median(steps["on"]) / statistics.median(steps["off"]) - 1)
+            * 100, "publishes": on_step // interval}
 
 
 COLUMNS = {
     "equivalence": ["model", "mode", "world", "slots", "replicas_max", "max_rel_err", "ok"],
     "sync": ["model", "mode", "layers", "syncs_per_forward", "expected", "error_mode", "ok"],
-    "overhead": ["model", "layers", "tokens", "slots_per_rank", "steps_per_mode", "off_ms", "on_ms",
-                 "overhead_pct", "noise_pct", "target_met", "median_step_overhead_pct"],
+    "overhead": ["model", "dispatch", "layers", "tokens", "slots_per_rank", "steps_per_mode", "off_ms",
+                 "on_ms", "overhead_pct", "ci95_pct", "target_met", "median_step_overhead_pct"],
 }
 
 
@@ -339,8 +377,9 @@ def cases(section: str, group: EPGroup, args: argparse.Namespace) -> list[tuple[
     if section == "sync":
         return [({"model": m, "mode": mode}, partial(sync_case, group, m, mode, args.eq_tokens, args.seed))
                 for m in MODELS for mode in ("capacity", "exact")]
-    return [({"model": m, "layers": args.overhead_layers, "tokens": t},
-             partial(overhead_case, group, m, t, args)) for m in MODELS for t in args.tokens]
+    return [({"model": m, "dispatch": how, "layers": args.overhead_layers, "tokens": t},
+             partial(overhead_case, group, m, t, how, args))
+            for how in args.overhead_dispatch for m in MODELS for t in args.tokens]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -354,12 +393,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="small overhead shapes and few steps (CPU check)")
     p.add_argument("--eq-tokens", type=int, default=128, help="tokens per rank, equivalence and sync")
     p.add_argument("--tokens", default="64,4096", help="tokens per rank, overhead section")
+    p.add_argument("--overhead-dispatch", default="exact",
+                   help=f"comma-separated subset of {OVERHEAD_DISPATCH}: exact (eager) and graph (capacity "
+                        "dispatch replayed from a CUDA graph), overhead section")
     p.add_argument("--overhead-layers", type=int, default=2, help="MoE layers, overhead section")
     p.add_argument("--extra-slots", type=int, default=2, help="slots per rank beyond experts / world")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="overhead section")
     p.add_argument("--interval", type=int, default=16, help="telemetry publish interval, steps")
     p.add_argument("--warmup", type=int, default=8, help="warm-up steps per mode")
-    p.add_argument("--segments", type=int, default=8, help="timed segments per mode (ABBA order)")
+    p.add_argument("--segments", type=int, default=16, help="timed segments per mode (ABBA order)")
     p.add_argument("--segment-steps", type=int, default=32, help="steps per segment")
     p.add_argument("--seed", type=int, default=0, help="weights, placements and inputs")
     p.add_argument("--timeout", type=float, default=300, help="collective timeout, seconds")
@@ -370,6 +412,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown := set(args.sections) - set(SECTIONS):
         p.error(f"unknown section(s) {sorted(unknown)}")
     args.tokens = [int(t) for t in args.tokens.split(",")]
+    args.overhead_dispatch = [h for h in args.overhead_dispatch.split(",") if h]
+    if unknown := set(args.overhead_dispatch) - set(OVERHEAD_DISPATCH):
+        p.error(f"unknown --overhead-dispatch {sorted(unknown)}")
     return args
 
 
