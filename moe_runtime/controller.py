@@ -1,6 +1,7 @@
 """Applying the daemon's plans on every rank at the same step, without the forward ever waiting on it.
 
-The protocol, one publish interval at a time (``interval_steps`` = N):
+The protocol, one publish interval at a time (N steps: ``interval_steps``, or agreed from
+``interval_ms``; see moe_runtime.telemetry):
 
 * every step, the leader (EP rank 0) looks at its control block; the read never blocks, and only
   copies a plan when the block's head moved;
@@ -164,11 +165,8 @@ class PlanController:
         announced = self._take_announcement()
         if announced and not self.migrating:
             self._agree(announced, step)
-        words = torch.zeros(ANNOUNCE_WORDS, dtype=torch.int32, device=self.group.device)
         offer = self._offer()
-        if offer:  # fill_ with host scalars: no pageable copy, no sync
-            words[0].fill_(offer >> 31)
-            words[1].fill_(offer & 0x7FFFFFFF)
+        words = (offer >> 31, offer & 0x7FFFFFFF) if offer else ()
         host = self.publisher.step(step, tokens, self.placement.version, extra=words)
         self._pending_announce = (host, self.publisher.last_done())
         self.status.step = step

@@ -1,9 +1,11 @@
 """Per-layer counters and phase timers, accumulated on the device with no host sync.
 
 routed[L, E] (assignments this rank's router made), received[L, K] (assignments this rank's slots
-processed), dropped[L] and bias_changed[L]. Counting happens only while the `record` flag is non-zero
-(a device tensor, so flipping it needs no recompile or graph re-capture); the timers run whenever
-counters are attached. Timers are CUDA events on GPU, read only once complete; on CPU,
+processed), dropped[L] and bias_changed[L]. They are views into two flat buffers (int32: routed, then
+`spare_words` words a publisher all-reduces together with routed, then received; int64: dropped and
+bias_changed), so a snapshot is two copies and a reset two fills. Counting happens only while the
+`record` flag is non-zero (a device tensor, so flipping it needs no recompile or graph re-capture);
+the timers run whenever counters are attached. Timers are CUDA events on GPU, read only once complete; on CPU,
 perf_counter around the (synchronous) phase.
 """
 
@@ -22,31 +24,38 @@ PHASES = ("dispatch", "expert", "combine")
 
 @dataclass
 class CounterSnapshot:
-    """Host copies of the counters (pinned when the counters live on a GPU)."""
+    """Host copies of the counters (pinned when the counters live on a GPU): views into `words`
+    (routed, spare, received) and `wide` (dropped, bias_changed)."""
 
+    words: torch.Tensor
+    wide: torch.Tensor
     routed: torch.Tensor
+    spare: torch.Tensor
     received: torch.Tensor
     dropped: torch.Tensor
     bias_changed: torch.Tensor
 
 
-class _Done:
-    """Completion handle for a CPU snapshot: the copies were synchronous."""
-
-    def query(self) -> bool:
-        return True
+def _layout(layers: int, experts: int, slots: int, spare: int, device: torch.device,
+            pin: bool) -> CounterSnapshot:
+    words = torch.zeros(layers * (experts + slots) + spare, dtype=torch.int32, device=device, pin_memory=pin)
+    wide = torch.zeros(2 * layers, dtype=torch.int64, device=device, pin_memory=pin)
+    end = layers * experts
+    return CounterSnapshot(words, wide, words[:end].view(layers, experts), words[end:end + spare],
+                           words[end + spare:].view(layers, slots), wide[:layers], wide[layers:])
 
 
 class Counters:
     """Device-side counters and timers for the L layers of one rank."""
 
-    def __init__(self, layers: int, experts: int, slots_per_rank: int, device: torch.device | str = "cpu"):
+    def __init__(self, layers: int, experts: int, slots_per_rank: int, device: torch.device | str = "cpu",
+                 spare_words: int = 4):
         device = torch.device(device)
-        self.layers, self.device = layers, device
-        self.routed = torch.zeros((layers, experts), dtype=torch.int32, device=device)
-        self.received = torch.zeros((layers, slots_per_rank), dtype=torch.int32, device=device)
-        self.dropped = torch.zeros(layers, dtype=torch.int64, device=device)
-        self.bias_changed = torch.zeros(layers, dtype=torch.int64, device=device)
+        self.layers, self.experts, self.slots_per_rank, self.device = layers, experts, slots_per_rank, device
+        self.spare_words = spare_words
+        self._flat = _layout(layers, experts, slots_per_rank, spare_words, device, pin=False)
+        self.routed, self.received = self._flat.routed, self._flat.received
+        self.dropped, self.bias_changed = self._flat.dropped, self._flat.bias_changed
         self.record = torch.ones((), dtype=torch.int32, device=device)
         self.timing = True  # whether this step's phases are timed (see set_timing)
         self._us = {phase: np.zeros(layers) for phase in PHASES}
@@ -54,26 +63,24 @@ class Counters:
         self._pending: deque[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] = deque()
         self._free_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
-    def host_buffers(self) -> CounterSnapshot:
-        """Host tensors shaped like the counters, for `snapshot_into`."""
-        pin = self.device.type == "cuda"
-        return CounterSnapshot(*(torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-                                 for t in (self.routed, self.received, self.dropped, self.bias_changed)))
+    def routed_and_spare(self) -> torch.Tensor:
+        """The flat device view of routed followed by the spare words (one all-reduce covers both)."""
+        return self._flat.words[:self.routed.numel() + self.spare_words]
 
-    def snapshot_into(self, host: CounterSnapshot, non_blocking: bool = True):
-        """Copy the counters into `host`; returns a handle whose query() says when the copy is done."""
-        for name in ("routed", "received", "dropped", "bias_changed"):
-            getattr(host, name).copy_(getattr(self, name), non_blocking=non_blocking)
-        if self.device.type != "cuda":
-            return _Done()
-        done = torch.cuda.Event()
-        done.record()
-        return done
+    def host_buffers(self) -> CounterSnapshot:
+        """Host tensors laid out like the counters (pinned when they live on a GPU), for `snapshot_into`."""
+        return _layout(self.layers, self.experts, self.slots_per_rank, self.spare_words, torch.device("cpu"),
+                       pin=self.device.type == "cuda")
+
+    def snapshot_into(self, host: CounterSnapshot, non_blocking: bool = True) -> None:
+        """Copy the counters into `host`: two stream-ordered copies (complete once the stream passes them)."""
+        host.words.copy_(self._flat.words, non_blocking=non_blocking)
+        host.wide.copy_(self._flat.wide, non_blocking=non_blocking)
 
     def reset(self) -> None:
         """Zero the counters (stream-ordered: a snapshot taken before still reads the old values)."""
-        for t in (self.routed, self.received, self.dropped, self.bias_changed):
-            t.zero_()
+        self._flat.words.zero_()
+        self._flat.wide.zero_()
 
     def set_recording(self, on: bool) -> None:
         self.record.fill_(int(on))

@@ -1,17 +1,25 @@
 """Publishing a rank's counters into its shared-memory telemetry ring, without stalling the forward.
 
-Every ``interval_steps`` steps, on every rank at the same step:
+At a publish step, on every rank at the same step:
 
-1. the routed counts [L, E] (plus any control words the caller rides on it, see ``extra``) are
-   all-reduced over the EP group: NCCL enqueues it on the stream, nothing waits on the host; with
-   ``global_view=False`` only the control words are;
-2. the reduced buffer and the other counters are copied non-blocking into pinned host memory and the
-   device counters are reset (stream-ordered, so the copy still sees the old values);
-3. a background thread waits for that copy's event and writes the record into the ring.
+1. the counters are copied non-blocking into pinned host memory (two copies: the int32 and int64
+   flat buffers of `Counters`);
+2. routed [L, E] and the spare words after it (the agreed publish interval and any control words the
+   caller rides on it, see ``extra``) are all-reduced in place over the EP group: NCCL enqueues it on
+   the stream, nothing waits on the host; with ``global_view=False`` only the spare words are;
+3. the reduced words are copied to pinned memory and the counters are reset (stream-ordered);
+4. at a later step, once the copies have completed (an event query, never a wait), the snapshot is
+   handed to a background thread that writes the record into the ring. Handing over from the step
+   call means the thread runs while the GPU has the next step's work, and it makes no CUDA calls.
+
+Publishing is every ``interval_steps`` steps, or with ``interval_ms`` about every T ms: rank 0 then
+proposes the number of steps from its measured step time at each publish, the proposal rides on the
+all-reduce, and every rank adopts it at the following publish, so all ranks keep publishing at the
+same steps without any extra collective.
 
 The ring is lossy and never waited on, so a missing or dead daemon costs nothing; at most
-``max_pending`` snapshots are queued and older ones are discarded (counted) if the writer thread
-falls behind, so nothing piles up.
+``max_pending`` snapshots are in flight or queued and further ones are discarded (counted) if the
+writer thread falls behind, so nothing piles up.
 """
 
 from __future__ import annotations
@@ -19,16 +27,19 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from balancerd.protocol import RingShape, TelemetryWriter, new_generation, runtime_dir
-from moe_runtime.counters import Counters
+from moe_runtime.counters import Counters, CounterSnapshot
 from moe_runtime.group import EPGroup
+
+INTERVAL_WORD = 0  # the spare word carrying rank 0's proposed publish interval; the caller's words follow
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,8 @@ class TelemetryConfig:
 
     job: str = "default"
     interval_steps: int = 16
+    interval_ms: float | None = None   # publish about this often instead; the step count is re-agreed
+    max_interval_steps: int = 4096     # bound on the steps between publishes with interval_ms
     ring_capacity: int = 64
     global_view: bool = True       # all-reduce routed counts so every daemon sees the global load
     timing_every: int = 4          # time the phases of one step in this many (means need no more)
@@ -46,6 +59,11 @@ class TelemetryConfig:
     def __post_init__(self) -> None:
         if self.interval_steps < 1:
             raise ValueError(f"TelemetryConfig.interval_steps must be >= 1, got {self.interval_steps}")
+        if self.interval_ms is not None and not self.interval_ms > 0:
+            raise ValueError(f"TelemetryConfig.interval_ms must be > 0, got {self.interval_ms}")
+        if self.max_interval_steps < 1:
+            raise ValueError(f"TelemetryConfig.max_interval_steps must be >= 1, "
+                             f"got {self.max_interval_steps}")
         if self.ring_capacity < 2:
             raise ValueError(f"TelemetryConfig.ring_capacity must be >= 2, got {self.ring_capacity}")
         if self.max_pending < 1:
@@ -54,20 +72,34 @@ class TelemetryConfig:
             raise ValueError(f"TelemetryConfig.timing_every must be >= 1, got {self.timing_every}")
 
 
+class _Done:
+    """Completion handle on CPU, where the copies are synchronous."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        return None
+
+
+@dataclass
+class _Slot:
+    """Pinned host buffers of one publish, reused in rotation."""
+
+    host: CounterSnapshot
+    reduced: torch.Tensor          # routed summed over ranks, then the spare words
+    done: object                   # a CUDA event recorded after the copies, or _Done
+
+
 @dataclass
 class _Snapshot:
     first_step: int
     last_step: int
     tokens: int
     placement_version: int
-    reduced: torch.Tensor          # host: routed summed over ranks, then the extra words
-    routed: torch.Tensor
-    received: torch.Tensor
-    dropped: torch.Tensor
-    bias_changed: torch.Tensor
-    done: object                   # .query() / .synchronize() on GPU; immediate on CPU
-    step_mark: object              # a CUDA event at the end of the interval, or a perf_counter time
-    timings: dict[str, np.ndarray]
+    slot: _Slot
+    step_us: float
+    timings: dict
 
 
 def shared_generation(group: EPGroup) -> int:
@@ -88,111 +120,138 @@ class TelemetryPublisher:
 
     def __init__(self, counters: Counters, group: EPGroup, config: TelemetryConfig = TelemetryConfig(),
                  *, generation: int | None = None, extra_words: int = 0):
+        if 1 + extra_words > counters.spare_words:
+            raise ValueError(f"{extra_words} extra words need Counters(spare_words >= {1 + extra_words})")
         self.counters, self.group, self.config = counters, group, config
         self.generation = generation or shared_generation(group)
         self.extra_words = extra_words
         directory = Path(config.directory) if config.directory else runtime_dir()
-        shape = RingShape(counters.layers, counters.routed.shape[1], counters.received.shape[1])
+        shape = RingShape(counters.layers, counters.experts, counters.slots_per_rank)
         self.writer = TelemetryWriter.create(directory, config.job, group.rank, group.world, self.generation,
                                              shape, capacity=config.ring_capacity)
         self.discarded = 0
+        self.interval = config.interval_steps
+        self._next_publish = config.interval_steps - 1
         self._first_step = 0
         self._tokens = 0
+        self._last_publish_time = time.perf_counter()
+        cuda = counters.device.type == "cuda"
+        # With at most max_pending in flight or queued and one being written, the next slot is free.
+        words = counters.routed_and_spare().numel()
+        self._slots = [_Slot(counters.host_buffers(), torch.zeros(words, dtype=torch.int32, pin_memory=cuda),
+                             torch.cuda.Event() if cuda else _Done())
+                       for _ in range(config.max_pending + 2)]
+        self._next_slot = 0
+        self._last_slot: _Slot | None = None
+        self._in_flight: deque[_Snapshot] = deque()
         self._queue: queue.Queue[_Snapshot | None] = queue.Queue()
-        self._last_mark = self._mark()
-        numel = counters.routed.numel() + extra_words
-        self._reduce_buf = torch.zeros(numel, dtype=torch.int32, device=counters.device)
-        # Pinned buffers are allocated once and rotated: with at most max_pending queued and one being
-        # written, the next buffer in the rotation is always free.
-        pin = counters.device.type == "cuda"
-        self._host = [(counters.host_buffers(), torch.empty(numel, dtype=torch.int32, pin_memory=pin))
-                      for _ in range(config.max_pending + 2)]
-        self._next_host = 0
-        self._last_done = None
         self._thread = threading.Thread(target=self._drain, name="balancerd-telemetry", daemon=True)
         self._thread.start()
 
     def is_publish_step(self, step: int) -> bool:
-        return (step + 1) % self.config.interval_steps == 0
+        return step >= self._next_publish
 
     def step(self, step: int, tokens: int, placement_version: int,
-             extra: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Account one finished step; on a publish step, publish and return the host buffer of the
-        reduced ``extra`` words (valid once :meth:`last_done` completes), else None."""
+             extra: Sequence[int] = ()) -> torch.Tensor | None:
+        """Account one finished step; on a publish step, publish (``extra``: up to ``extra_words``
+        non-negative int32 values to sum over the ranks) and return the host view of the reduced extra
+        words (valid once :meth:`last_done` completes), else None."""
+        self._hand_over()
         self._tokens += tokens
         self.counters.set_timing((step + 1) % self.config.timing_every == 0)
         if not self.is_publish_step(step):
             return None
+        if len(extra) > self.extra_words:
+            raise ValueError(f"{len(extra)} extra words, the publisher has room for {self.extra_words}")
+        self._adopt_interval()
         c = self.counters
-        buf = self._reduce_buf
-        L_E = c.routed.numel()
-        buf[:L_E].copy_(c.routed.view(-1))
-        if self.extra_words:
-            buf[L_E:].copy_(extra)
+        now = time.perf_counter()
+        steps = step - self._first_step + 1
+        step_us = (now - self._last_publish_time) * 1e6 / steps
+        self._last_publish_time = now
+
+        spare = c.routed_and_spare()[c.routed.numel():]  # zeroed by the last reset
+        proposal = self._proposed_interval(step_us)
+        if proposal:
+            spare[INTERVAL_WORD].fill_(proposal)
+        for i, value in enumerate(extra, start=1):
+            if value:
+                spare[i].fill_(value)
+        full = len(self._in_flight) + self._queue.qsize() >= self.config.max_pending
+        slot = self._slots[self._next_slot]
+        if not full:
+            self._next_slot = (self._next_slot + 1) % len(self._slots)
+            c.snapshot_into(slot.host)
         if self.group.world > 1:
             if self.config.global_view:
-                dist.all_reduce(buf, group=self.group.group)
-            elif self.extra_words:  # the caller's words (plan announcements) must reach every rank
-                dist.all_reduce(buf[L_E:], group=self.group.group)
-        full = self._queue.qsize() >= self.config.max_pending
-        host, reduced = self._host[self._next_host]
-        if not full:
-            self._next_host = (self._next_host + 1) % len(self._host)
-        reduced.copy_(buf, non_blocking=True)
-        done = c.snapshot_into(host, non_blocking=True)
+                dist.all_reduce(c.routed_and_spare(), group=self.group.group)
+            else:  # the spare words (interval, plan announcements) must reach every rank
+                dist.all_reduce(spare, group=self.group.group)
+        slot.reduced.copy_(c.routed_and_spare(), non_blocking=True)
         c.reset()
-        self._last_done = done
+        if isinstance(slot.done, torch.cuda.Event):
+            slot.done.record()
+        timings = c.drain_timings(mean=True)
         if full:
             self.discarded += 1
-            c.drain_timings(mean=True)
         else:
-            self._queue.put(_Snapshot(self._first_step, step, self._tokens, placement_version, reduced,
-                                      host.routed, host.received, host.dropped, host.bias_changed, done,
-                                      self._mark(), c.drain_timings(mean=True)))
+            self._in_flight.append(_Snapshot(self._first_step, step, self._tokens, placement_version, slot,
+                                             step_us, timings))
+        self._last_slot = slot
         self._first_step, self._tokens = step + 1, 0
-        return reduced[L_E:]
+        self._next_publish = step + self.interval
+        return slot.reduced[c.routed.numel() + 1:c.routed.numel() + 1 + self.extra_words]
 
     def last_done(self):
-        """Completion handle of the latest publish's host copy."""
-        return self._last_done
+        """Completion handle (query(), synchronize()) of the latest publish's host copies."""
+        return None if self._last_slot is None else self._last_slot.done
 
-    def _mark(self):
-        if self.counters.device.type == "cuda":
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
+    def _proposed_interval(self, step_us: float) -> int:
+        """Rank 0's steps for about interval_ms (0 from the others and without interval_ms)."""
+        ms = self.config.interval_ms
+        if ms is None or self.group.rank != 0:
+            return 0
+        return max(1, min(self.config.max_interval_steps, round(ms * 1e3 / max(step_us, 1e-3))))
 
-    def _elapsed_us(self, start, end) -> float:
-        if isinstance(start, float):
-            return (end - start) * 1e6
-        return start.elapsed_time(end) * 1e3
+    def _adopt_interval(self) -> None:
+        """Take the interval proposed at the previous publish (its copy was issued an interval ago)."""
+        slot = self._last_slot
+        if self.config.interval_ms is None or slot is None:
+            return
+        if not slot.done.query():
+            slot.done.synchronize()
+        agreed = int(slot.reduced[self.counters.routed.numel() + INTERVAL_WORD])
+        if agreed > 0:
+            self.interval = agreed
+
+    def _hand_over(self) -> None:
+        """Queue the snapshots whose copies have completed for the writer thread (never waits)."""
+        while self._in_flight and self._in_flight[0].slot.done.query():
+            self._queue.put(self._in_flight.popleft())
 
     def _drain(self) -> None:
         while True:
             snap = self._queue.get()
             if snap is None:
                 return
-            if hasattr(snap.done, "synchronize"):
-                snap.done.synchronize()
-            if hasattr(snap.step_mark, "synchronize"):
-                snap.step_mark.synchronize()
-            steps = max(1, snap.last_step - snap.first_step + 1)
-            step_us = self._elapsed_us(self._last_mark, snap.step_mark) / steps
-            self._last_mark = snap.step_mark
-            L, E = snap.routed.shape
-            global_routed = snap.reduced[: L * E].view(L, E).numpy() if self.config.global_view else None
+            host, reduced = snap.slot.host, snap.slot.reduced
+            L, E = host.routed.shape
+            global_routed = reduced[: L * E].view(L, E).numpy() if self.config.global_view else None
             self.writer.write(
                 first_step=snap.first_step, last_step=snap.last_step, tokens=snap.tokens,
-                placement_version=snap.placement_version, routed=snap.routed.numpy(),
-                global_routed=global_routed, received=snap.received.numpy(),
+                placement_version=snap.placement_version, routed=host.routed.numpy(),
+                global_routed=global_routed, received=host.received.numpy(),
                 dispatch_us=snap.timings["dispatch"], combine_us=snap.timings["combine"],
-                expert_us=snap.timings["expert"], step_us=step_us, dropped=snap.dropped.numpy(),
-                bias_changed=snap.bias_changed.numpy(),
+                expert_us=snap.timings["expert"], step_us=snap.step_us, dropped=host.dropped.numpy(),
+                bias_changed=host.bias_changed.numpy(),
             )
 
     def close(self) -> None:
-        """Flush queued records, stop the writer thread and close the ring (the file stays)."""
+        """Flush the records still in flight, stop the writer thread and close the ring (the file stays)."""
+        for snap in self._in_flight:
+            snap.slot.done.synchronize()
+            self._queue.put(snap)
+        self._in_flight.clear()
         self._queue.put(None)
         self._thread.join(timeout=10)
         self.writer.close()
