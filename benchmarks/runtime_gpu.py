@@ -310,12 +310,15 @@ def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argpa
             attach(mode)
             stack(inputs[i % len(inputs)])
 
-    seg, interval = args.segment_steps, args.interval
+    seg = args.segment_steps
     with tempfile.TemporaryDirectory(prefix="balancerd-bench-") as runtime:
-        telemetry = TelemetryConfig(job=f"ovh{group.rank}", interval_steps=interval, directory=runtime)
+        telemetry = TelemetryConfig(job=f"ovh{group.rank}", interval_steps=args.interval,
+                                    interval_ms=args.interval_ms, directory=runtime)
         controller = PlanController(stack, placement, group, counters, telemetry=telemetry)
         times: dict[str, list[float]] = {"off": [], "on": []}
         on_step = 0
+
+        published: list[bool] = []  # per kept on step: whether it published
 
         def segment(mode: str, steps: int, keep: bool) -> None:
             nonlocal on_step
@@ -324,6 +327,8 @@ def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argpa
                 start = time.perf_counter()
                 forward(mode, i)
                 if mode == "on":
+                    if keep:
+                        published.append(controller.publisher.is_publish_step(on_step))
                     controller.after_step(on_step, tokens)
                     on_step += 1
                 sync(group.device)
@@ -334,11 +339,13 @@ def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argpa
             with torch.no_grad():
                 for mode in ("on", "off"):
                     segment(mode, args.warmup, keep=False)
-                # Publish steps fall mid-segment, so a publish's background write lands in its own segment.
-                on_step += (interval // 2 - on_step) % interval
                 for pair in range(args.segments):
                     for mode in (("off", "on") if pair % 2 == 0 else ("on", "off")):
                         segment(mode, seg, keep=True)
+                if args.profile_steps:
+                    for mode in ("off", "on"):
+                        profile(lambda mode=mode: segment(mode, args.profile_steps, keep=False), group,
+                                args.out / f"profile-{model}-{how}-{tokens}-{mode}")
         finally:
             controller.close()
     n = len(times["off"])
@@ -353,18 +360,48 @@ def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argpa
     ci95 = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("inf")
     target = 0.005
     met = "yes" if overhead + ci95 <= target else "no" if overhead - ci95 > target else "unresolved"
+    on_kinds = _publish_positions(published)
+    kind_ms = {kind: statistics.fmean(t for t, kd in zip(steps["on"], on_kinds, strict=True) if kd == kind)
+               * 1e3 for kind in ("publish", "after_publish", "plain")}
     return {"slots_per_rank": k, "steps_per_mode": n, "off_ms": off * 1e3,
             "on_ms": statistics.fmean(means["on"]) * 1e3, "overhead_pct": overhead * 100,
             "ci95_pct": ci95 * 100, "target_met": met,
             "median_step_overhead_pct": (statistics.median(steps["on"]) / statistics.median(steps["off"]) - 1)
-            * 100, "publishes": on_step // interval}
+            * 100, "publishes": sum(published),
+            **{f"on_{kind}_step_ms": ms for kind, ms in kind_ms.items()}}
+
+
+def _publish_positions(published: list[bool]) -> list[str]:
+    """Each on step: a publish step, the step after one, or plain."""
+    return ["publish" if p else "after_publish" if i and published[i - 1] else "plain"
+            for i, p in enumerate(published)]
+
+
+def profile(body: Callable[[], None], group: EPGroup, path: Path) -> None:
+    """torch.profiler over body(): rank 0 writes PATH.txt (ops by self device time, then by host time)
+    and a Chrome trace PATH.json."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if group.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        body()
+    if group.rank != 0:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    averages = prof.key_averages()
+    device_key = "self_cuda_time_total" if group.device.type == "cuda" else "self_cpu_time_total"
+    path.with_suffix(".txt").write_text(averages.table(sort_by=device_key, row_limit=30) + "\n"
+                                        + averages.table(sort_by="self_cpu_time_total", row_limit=30))
+    prof.export_chrome_trace(str(path.with_suffix(".json")))
 
 
 COLUMNS = {
     "equivalence": ["model", "mode", "world", "slots", "replicas_max", "max_rel_err", "ok"],
     "sync": ["model", "mode", "layers", "syncs_per_forward", "expected", "error_mode", "ok"],
     "overhead": ["model", "dispatch", "layers", "tokens", "slots_per_rank", "steps_per_mode", "off_ms",
-                 "on_ms", "overhead_pct", "ci95_pct", "target_met", "median_step_overhead_pct"],
+                 "on_ms", "overhead_pct", "ci95_pct", "target_met", "median_step_overhead_pct",
+                 "on_publish_step_ms", "on_after_publish_step_ms", "on_plain_step_ms"],
 }
 
 
@@ -400,9 +437,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extra-slots", type=int, default=2, help="slots per rank beyond experts / world")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="overhead section")
     p.add_argument("--interval", type=int, default=16, help="telemetry publish interval, steps")
+    p.add_argument("--interval-ms", type=float, default=None,
+                   help="publish about this often instead (TelemetryConfig.interval_ms)")
     p.add_argument("--warmup", type=int, default=8, help="warm-up steps per mode")
     p.add_argument("--segments", type=int, default=16, help="timed segments per mode (ABBA order)")
     p.add_argument("--segment-steps", type=int, default=32, help="steps per segment")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="overhead section: after timing, profile this many steps of each mode "
+                        "(torch.profiler)")
     p.add_argument("--seed", type=int, default=0, help="weights, placements and inputs")
     p.add_argument("--timeout", type=float, default=300, help="collective timeout, seconds")
     if p.parse_args(argv).tiny:  # --tiny changes the defaults; explicit options still win
