@@ -39,6 +39,14 @@ class Routes(NamedTuple):
     per_rank: torch.Tensor  # [W] int64 rows holding work for each rank
 
 
+class SlotCount(NamedTuple):
+    """Telemetry riding on a destination-side kernel: counts[s] += (assignments in slots to s) * record."""
+
+    slots: torch.Tensor            # [R, k] local slot ids, -1 unused (may be a strided view)
+    counts: torch.Tensor           # [K] int32, added into
+    record: torch.Tensor | None    # 0-d int32 device flag, or None for always
+
+
 class SlotGroups(NamedTuple):
     rows: torch.Tensor     # [R * k] int32 received row of each assignment, sorted by local slot (stable)
     offsets: torch.Tensor  # [K + 1] int32 start of each slot's segment; offsets[K] = assignments in use
@@ -202,12 +210,18 @@ def unpermute_reference(ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tens
 
 
 def unpermute(ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype,
-              force_triton: bool = False) -> torch.Tensor:
-    """[R, H] in `dtype`: row r's float32 sum over j of weights[r, j] * ys[pos[r, j]] (pos -1: skipped)."""
+              force_triton: bool = False, *, count: SlotCount | None = None) -> torch.Tensor:
+    """[R, H] in `dtype`: row r's float32 sum over j of weights[r, j] * ys[pos[r, j]] (pos -1: skipped).
+
+    With `count`, also `count_slots(count.slots, count.counts, count.record)` (slots -1 exactly where
+    pos is -1), fused into the same kernel on a GPU.
+    """
     if use_triton(ys, force_triton):
         from kernels.permute_triton import unpermute_triton
 
-        return unpermute_triton(ys, pos, weights, dtype)
+        return unpermute_triton(ys, pos, weights, dtype, count)
+    if count is not None:
+        count_slots_reference(count.slots, count.counts, count.record)
     return unpermute_reference(ys, pos, weights, dtype)
 
 

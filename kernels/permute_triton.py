@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.permute import row_layout
+from kernels.permute import SlotCount, row_layout
 
 TILE = 4096  # elements per program tile: rows x BLOCK_H
 
@@ -136,7 +136,9 @@ def gather_rows_triton(x: torch.Tensor, rows: torch.Tensor, offsets: torch.Tenso
 
 @triton.jit
 def _unpermute_kernel(ys_ptr, stride_y, pos_ptr, weights_ptr, stride_w, out_ptr, rows, hidden,
-                      K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+                      slots_ptr, stride_s, counts_ptr, record_ptr, slots_here,
+                      K: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+                      COUNT: tl.constexpr, BINS: tl.constexpr, HAS_RECORD: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     col = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     r_ok = r < rows
@@ -151,10 +153,14 @@ def _unpermute_kernel(ys_ptr, stride_y, pos_ptr, weights_ptr, stride_w, out_ptr,
         acc += w[:, None] * y.to(tl.float32)
     out = out_ptr + r.to(tl.int64)[:, None] * hidden + col[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & col_ok[None, :])
+    if COUNT:
+        if tl.program_id(1) == 0:
+            _count_block(slots_ptr, stride_s, counts_ptr, record_ptr, tl.program_id(0) * BLOCK_R, rows,
+                         slots_here, K, KP, BLOCK_R, BINS, HAS_RECORD)
 
 
-def unpermute_triton(ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor,
-                     dtype: torch.dtype) -> torch.Tensor:
+def unpermute_triton(ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype,
+                     count: SlotCount | None = None) -> torch.Tensor:
     """kernels.permute.unpermute in one launch; weights may be a strided view (the received metadata)."""
     rows, k = pos.shape
     hidden = ys.shape[1]
@@ -167,24 +173,45 @@ def unpermute_triton(ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor,
         weights = weights.contiguous()
     block_r = 4
     block_h = _block_h(hidden, block_r)
+    slots = counts = record = pos  # stand-ins the kernel never reads without COUNT
+    if count is not None:
+        slots = count.slots if count.slots.stride(1) == 1 else count.slots.contiguous()
+        counts = count.counts
+        record = counts if count.record is None else count.record
     _unpermute_kernel[(triton.cdiv(rows, block_r), triton.cdiv(hidden, block_h))](
         ys, ys.stride(0), pos.to(torch.int32).contiguous(), weights, weights.stride(0), out, rows, hidden,
-        K=k, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4)
+        slots, slots.stride(0), counts, record, counts.shape[0],
+        K=k, KP=triton.next_power_of_2(k), BLOCK_R=block_r, BLOCK_H=block_h, COUNT=count is not None,
+        BINS=triton.next_power_of_2(counts.shape[0]),
+        HAS_RECORD=count is not None and count.record is not None,
+        num_warps=4)
     return out
 
 
 @triton.jit
-def _count_slots_kernel(slots_ptr, stride_s, counts_ptr, record_ptr, entries, slots_here,
-                        K: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr, HAS_RECORD: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < entries
-    slot = tl.load(slots_ptr + (i // K).to(tl.int64) * stride_s + i % K, mask=ok, other=-1)
+def _count_block(slots_ptr, stride_s, counts_ptr, record_ptr, row0, rows, slots_here,
+                 K: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BINS: tl.constexpr,
+                 HAS_RECORD: tl.constexpr):
+    """counts += histogram of the slot ids in rows [row0, row0 + BLOCK_R) of the [rows, K] slots."""
+    r = row0 + tl.arange(0, BLOCK_R)
+    j = tl.arange(0, KP)
+    ok = (r < rows)[:, None] & (j < K)[None, :]
+    slot = tl.load(slots_ptr + r.to(tl.int64)[:, None] * stride_s + j[None, :], mask=ok, other=-1)
     used = ok & (slot >= 0) & (slot < slots_here)
-    hist = tl.histogram(tl.where(used, slot, 0), BINS, mask=used)
+    hist = tl.histogram(tl.reshape(tl.where(used, slot, 0), [BLOCK_R * KP]), BINS,
+                        mask=tl.reshape(used, [BLOCK_R * KP]))
     if HAS_RECORD:
         hist = hist * tl.load(record_ptr)
     b = tl.arange(0, BINS)
     tl.atomic_add(counts_ptr + b, hist, mask=(b < slots_here) & (hist != 0), sem="relaxed")
+
+
+@triton.jit
+def _count_slots_kernel(slots_ptr, stride_s, counts_ptr, record_ptr, rows, slots_here,
+                        K: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BINS: tl.constexpr,
+                        HAS_RECORD: tl.constexpr):
+    _count_block(slots_ptr, stride_s, counts_ptr, record_ptr, tl.program_id(0) * BLOCK_R, rows, slots_here,
+                 K, KP, BLOCK_R, BINS, HAS_RECORD)
 
 
 COUNT_BLOCK = 2048  # entries a program: one program up to 256 tokens x top-8
@@ -197,7 +224,9 @@ def count_slots_triton(slots: torch.Tensor, counts: torch.Tensor, record: torch.
         return
     if slots.stride(1) != 1:
         slots = slots.contiguous()
-    _count_slots_kernel[(triton.cdiv(rows * k, COUNT_BLOCK),)](
-        slots, slots.stride(0), counts, counts if record is None else record, rows * k, counts.shape[0],
-        K=k, BLOCK=COUNT_BLOCK, BINS=triton.next_power_of_2(counts.shape[0]), HAS_RECORD=record is not None,
-        num_warps=4)
+    kp = triton.next_power_of_2(k)
+    block_r = max(1, COUNT_BLOCK // kp)
+    _count_slots_kernel[(triton.cdiv(rows, block_r),)](
+        slots, slots.stride(0), counts, counts if record is None else record, rows, counts.shape[0],
+        K=k, KP=kp, BLOCK_R=block_r, BINS=triton.next_power_of_2(counts.shape[0]),
+        HAS_RECORD=record is not None, num_warps=4)

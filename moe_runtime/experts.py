@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kernels.expert_ffn import grouped_swiglu, select_backend, swiglu
-from kernels.permute import group_by_slot, slot_order, unpermute
+from kernels.permute import SlotCount, count_slots, group_by_slot, slot_order, unpermute
 
 
 def run_experts_loop(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor,
@@ -31,20 +31,26 @@ def run_experts_loop(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
 
 def run_experts(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor,
                 w_down: torch.Tensor, slot_sizes: list[int] | None = None,
-                backend: str | None = None) -> torch.Tensor:
+                backend: str | None = None, count: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                ) -> torch.Tensor:
     """[R, H] in x's dtype: each row's weighted sum of its local slots' SwiGLU outputs.
 
     x [R, H]; slots [R, k] local slot ids (-1 unused); weights [R, k] float32; w_gate_up [K, 2I, H];
     w_down [K, H, I]; `slot_sizes`: assignments per slot when known on the host (exact mode).
     `backend` ("loop", "triton", "grouped_mm") defaults to `kernels.expert_ffn.select_backend`'s
     choice: the loop on CPU. The grouped backends sort the assignments by slot on the device and never
-    sync; "triton" on CPU tensors runs under the Triton interpreter (tests).
+    sync; "triton" on CPU tensors runs under the Triton interpreter (tests). `count` = (counts [K] int32,
+    record flag or None): add the assignments per slot into counts (telemetry), inside the grouped
+    backends' last kernel.
     """
     slots_here, inter = w_gate_up.shape[0], w_down.shape[2]
     assignments = slots.numel() if slot_sizes is None else sum(slot_sizes)
     backend = backend or select_backend(x, slots_here, inter, assignments, slot_sizes is not None)
     if backend == "loop":
+        if count is not None:
+            count_slots(slots, *count)
         return run_experts_loop(x, slots, weights, w_gate_up, w_down, slot_sizes)
     groups = group_by_slot(slots, slots_here)
     ys = grouped_swiglu(x, groups, w_gate_up, w_down, backend, assignments)
-    return unpermute(ys, groups.pos, weights, x.dtype, force_triton=backend == "triton")
+    return unpermute(ys, groups.pos, weights, x.dtype, force_triton=backend == "triton",
+                     count=None if count is None else SlotCount(slots, *count))

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.permute import count_slots
 from kernels.route import route
 from moe_runtime.config import NORM_EPS, DispatchConfig, MoEConfig
 from moe_runtime.counters import Counters
@@ -108,14 +107,14 @@ class EPMoELayer(nn.Module):
         phys = choose_replicas(r.ids, pl.log_to_phys[layer], pl.replicas[layer], offset=self.group.rank)
         with self._timed("dispatch"):
             recv, path = dispatch(x, phys, r.weights, self.group, pl.slots_per_rank, self.dispatch_config)
-        with self._timed("expert"):
-            y = run_experts(recv.x, recv.slots, recv.weights, self.w_gate_up, self.w_down, recv.slot_sizes)
+        with self._timed("expert"):  # received per slot is counted inside the expert path
+            y = run_experts(recv.x, recv.slots, recv.weights, self.w_gate_up, self.w_down, recv.slot_sizes,
+                            count=None if c is None else (c.received[layer], c.record))
         with self._timed("combine"):
             out = combine(y, path, self.group, x.shape[0])
         if self.shared_gate_up is not None:
             out += swiglu(x, self.shared_gate_up, self.shared_down).float()
-        if c is not None:  # one launch each, gated by the device flag
-            count_slots(recv.slots, c.received[layer], c.record)
+        if c is not None:  # gated by the device flag
             if self.selection_bias is not None:
                 c.bias_changed[layer].addcmul_(r.changed, c.record)
             if recv.dropped is not None:

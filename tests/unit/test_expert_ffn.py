@@ -41,6 +41,15 @@ def _run_experts(*args, **kwargs):
     return run_experts(*args, **kwargs)
 
 
+def _run_experts_counting(*args, **kwargs):
+    out = run_experts(*args, **kwargs)
+    return out, kwargs["count"][0]
+
+
+def _received(slots: torch.Tensor, per_rank: int) -> torch.Tensor:
+    return torch.bincount(slots[slots >= 0].long(), minlength=per_rank).int()
+
+
 # ---------------------------------------------------------------- inputs
 
 
@@ -100,7 +109,10 @@ def test_run_experts_triton_matches_the_loop(gen, interpreted, dtype: torch.dtyp
     rows, hidden, inter, slots, top_k, empty = CASES[2]
     p = problem(gen, rows, hidden, inter, slots, top_k, dtype, empty)
     slot_sizes = sizes(p["slots"], slots) if exact else None
-    got = interpreted(_run_experts, **p, slot_sizes=slot_sizes, backend="triton")
+    count = (torch.ones(slots, dtype=torch.int32), torch.tensor(1, dtype=torch.int32))
+    got, counted = interpreted(_run_experts_counting, **p, slot_sizes=slot_sizes, backend="triton",
+                               count=count)
+    assert torch.equal(counted, 1 + _received(p["slots"], slots))  # counted inside the unpermute kernel
     assert got.shape == (rows, hidden) and got.dtype == dtype
     want = run_experts_loop(**upcast(p), slot_sizes=slot_sizes)
     torch.testing.assert_close(got.float(), want, **TOL[dtype])
@@ -113,8 +125,13 @@ def test_grouped_mm_backend_matches_the_loop(gen) -> None:
     p = problem(gen, rows, hidden, inter, slots, top_k, torch.bfloat16, empty)
     want = run_experts_loop(**upcast(p))
     for slot_sizes in (None, sizes(p["slots"], slots)):
-        got = run_experts(**p, slot_sizes=slot_sizes, backend="grouped_mm")
+        counts = torch.zeros(slots, dtype=torch.int32)
+        got = run_experts(**p, slot_sizes=slot_sizes, backend="grouped_mm", count=(counts, None))
         torch.testing.assert_close(got.float(), want, **TOL[torch.bfloat16])
+        assert torch.equal(counts, _received(p["slots"], slots))
+    counts = torch.zeros(slots, dtype=torch.int32)
+    run_experts(**upcast(p), backend="loop", count=(counts, torch.tensor(0, dtype=torch.int32)))
+    assert not counts.any()  # recording off
 
 
 def test_grouped_swiglu_refuses_the_loop_backend(gen) -> None:

@@ -35,6 +35,11 @@ def _run(name: str, args: tuple):
     return getattr(permute, name)(*args, force_triton=True)
 
 
+def _unpermute_counting(ys, pos, weights, dtype,
+                        count: permute.SlotCount) -> tuple[torch.Tensor, torch.Tensor]:
+    return permute.unpermute(ys, pos, weights, dtype, force_triton=True, count=count), count.counts
+
+
 def _count_slots(slots: torch.Tensor, counts: torch.Tensor, record: torch.Tensor | None) -> torch.Tensor:
     permute.count_slots(slots, counts, record, force_triton=True)
     return counts
@@ -204,6 +209,20 @@ def test_gather_and_unpermute_kernels_match_references(gen, triton_call, rows, t
     tol = {} if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)  # one bf16 rounding of the sum
     torch.testing.assert_close(got, want, **tol)
 
+    # telemetry fused in: the received metadata's slots (a strided view) counted into a live counter
+    start = torch.randint(0, 9, (per_rank,), generator=gen).int()
+    for flag in (None, torch.tensor(1, dtype=torch.int32), torch.tensor(0, dtype=torch.int32)):
+        added = 0 if flag is not None and int(flag) == 0 else torch.bincount(
+            slots[slots >= 0].long(), minlength=per_rank).int()
+        ref_counts = start.clone()
+        reference = permute.unpermute(ys, groups.pos, weights, dtype,
+                                      count=permute.SlotCount(slots, ref_counts, flag))
+        got, got_counts = triton_call(_unpermute_counting, ys, groups.pos, weights, dtype,
+                                      permute.SlotCount(slots, start.clone(), flag))
+        torch.testing.assert_close(got, want, **tol)
+        assert torch.equal(reference, want)
+        assert torch.equal(ref_counts, start + added) and torch.equal(got_counts, start + added)
+
 
 @pytest.mark.parametrize("record", [None, 1, 0])
 @pytest.mark.parametrize("rows, top_k, per_rank", [(1, 1, 1), (1, 8, 5), (13, 3, 7), (300, 8, 130),
@@ -237,7 +256,8 @@ def test_kernels_compile_for_h200_with_vector_copies() -> None:
         (pt._gather_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16"}, dict(BLOCK_M=4, BLOCK_H=1024),
          ["stride_x", "hidden"]),
         (pt._unpermute_kernel, {"ys_ptr": "*bf16", "weights_ptr": "*fp32", "out_ptr": "*bf16"},
-         dict(K=8, BLOCK_R=4, BLOCK_H=1024), ["stride_y", "hidden"]),
+         dict(K=8, KP=8, BLOCK_R=4, BLOCK_H=1024, COUNT=True, BINS=256, HAS_RECORD=True),
+         ["stride_y", "hidden"]),
     ]
     for fn, typed, constexprs, aligned_ints in cases:
         args = [a for a in fn.arg_names if a not in constexprs]
@@ -252,7 +272,7 @@ def test_kernels_compile_for_h200_with_vector_copies() -> None:
 def test_count_slots_kernel_compiles_for_h200() -> None:
     from kernels import permute_triton as pt
 
-    constexprs = dict(K=8, BLOCK=pt.COUNT_BLOCK, BINS=256, HAS_RECORD=True)
+    constexprs = dict(K=8, KP=8, BLOCK_R=pt.COUNT_BLOCK // 8, BINS=256, HAS_RECORD=True)
     args = [a for a in pt._count_slots_kernel.arg_names if a not in constexprs]
     pointers = [a for a in args if a.endswith("_ptr")]
     signature = {a: "*i32" if a in pointers else "i32" for a in args}
