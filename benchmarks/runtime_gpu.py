@@ -33,6 +33,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -313,7 +314,8 @@ def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argpa
     seg = args.segment_steps
     with tempfile.TemporaryDirectory(prefix="balancerd-bench-") as runtime:
         telemetry = TelemetryConfig(job=f"ovh{group.rank}", interval_steps=args.interval,
-                                    interval_ms=args.interval_ms, directory=runtime)
+                                    interval_ms=args.interval_ms, timing_every=args.timing_every,
+                                    directory=runtime)
         controller = PlanController(stack, placement, group, counters, telemetry=telemetry)
         times: dict[str, list[float]] = {"off": [], "on": []}
         on_step = 0
@@ -361,8 +363,9 @@ def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argpa
     target = 0.005
     met = "yes" if overhead + ci95 <= target else "no" if overhead - ci95 > target else "unresolved"
     on_kinds = _publish_positions(published)
-    kind_ms = {kind: statistics.fmean(t for t, kd in zip(steps["on"], on_kinds, strict=True) if kd == kind)
-               * 1e3 for kind in ("publish", "after_publish", "plain")}
+    by_kind = {kind: [t for t, kd in zip(steps["on"], on_kinds, strict=True) if kd == kind]
+               for kind in ("publish", "after_publish", "plain")}
+    kind_ms = {kind: statistics.fmean(t) * 1e3 if t else math.nan for kind, t in by_kind.items()}
     return {"slots_per_rank": k, "steps_per_mode": n, "off_ms": off * 1e3,
             "on_ms": statistics.fmean(means["on"]) * 1e3, "overhead_pct": overhead * 100,
             "ci95_pct": ci95 * 100, "target_met": met,
@@ -437,6 +440,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extra-slots", type=int, default=2, help="slots per rank beyond experts / world")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="overhead section")
     p.add_argument("--interval", type=int, default=16, help="telemetry publish interval, steps")
+    p.add_argument("--timing-every", type=int, default=TelemetryConfig.timing_every,
+                   help="time the phases of one step in this many (TelemetryConfig.timing_every)")
     p.add_argument("--interval-ms", type=float, default=None,
                    help="publish about this often instead (TelemetryConfig.interval_ms)")
     p.add_argument("--warmup", type=int, default=8, help="warm-up steps per mode")
