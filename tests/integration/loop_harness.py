@@ -55,18 +55,12 @@ def free_port() -> int:
 
 def wait_until(predicate: Callable, harness: Harness | None = None, what: str = "the condition",
                timeout: float = WAIT_S, poll_s: float = 0.02):
-    """Poll ``predicate`` until it returns something truthy (returned); TimeoutError at the deadline.
-    With a harness, a process that died meanwhile fails the wait at once, with its log."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if harness is not None:
-            harness.check()
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(poll_s)
+    """tests.polling.wait_until; with a harness, a process that died meanwhile fails the wait at once,
+    with its log."""
+    from tests import polling  # here: this file also runs as the ranks' launcher, outside the test tree
+
+    return polling.wait_until(predicate, timeout, what, poll_s=poll_s,
+                              check=None if harness is None else harness.check)
 
 
 # ---------------------------------------------------------------------------------------------------

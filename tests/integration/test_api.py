@@ -11,7 +11,6 @@ import socket
 import stat
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from balancerd.config import parse_config
 from balancerd.daemon import Daemon
 from balancerd.log import Log
 from balancerd.protocol import ControlReader, control_path
+from tests.polling import wait_until as wait_until_truthy
 from tests.telemetry_writer import TelemetryProcess, WriterSpec
 
 pytestmark = pytest.mark.slow
@@ -76,16 +76,7 @@ def served(tmp_path):
 
 
 def wait_until(predicate, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if predicate():
-                return
-        except DaemonUnavailable:  # the server thread may not be listening yet
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not reached in {timeout} s")
-        time.sleep(0.02)
+    wait_until_truthy(predicate, timeout, ignore=(DaemonUnavailable,))  # the server may not listen yet
 
 
 def job(client: ApiClient) -> dict:

@@ -8,16 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from balancerd.api import ApiClient, DaemonUnavailable
+from tests import polling
 from tests.telemetry_writer import TelemetryProcess, WriterSpec
 
 pytestmark = pytest.mark.slow
 
 WAIT_S = 15.0
+wait_until = partial(polling.wait_until, timeout=WAIT_S)
 
 CONFIG = """
 state_dir = "{state}"
@@ -82,17 +85,6 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-
-def wait_until(predicate, timeout: float = WAIT_S, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture

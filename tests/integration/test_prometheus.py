@@ -22,13 +22,16 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from balancerd.demo import DemoOptions, run_demo
+from tests import polling
 
 pytestmark = pytest.mark.slow
+wait_until = partial(polling.wait_until, poll_s=0.2)
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "dashboards"
@@ -47,17 +50,6 @@ def need_binaries() -> None:
         pytest.fail(f"{', '.join(missing)} missing in CI (.ci/run installs Debian's prometheus package)")
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (apt install prometheus); CI runs this test")
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def get(url: str) -> dict | str | None:
