@@ -48,6 +48,7 @@ from balancerd.plans import (
     Proposal,
     Realising,
     check_plan,
+    read_acks,
     unresolved_plan,
 )
 from balancerd.policy import control_policy
@@ -57,7 +58,6 @@ from balancerd.protocol import (
     ControlReader,
     ControlWriter,
     Mode,
-    PlanResult,
     SegmentError,
     control_path,
 )
@@ -273,33 +273,19 @@ class Daemon:
         plan = run.last_plan
         if plan is None or plan.state in PLAN_STATES_FINAL:
             return
-        statuses = feed.current_statuses()
-        for rank, st in statuses.items():
-            if st.applied_version > plan.version:
-                self._resolve(job, plan, "superseded", f"rank {rank} serves version {st.applied_version}")
-                return
-            if st.applied_version == plan.version:
-                plan.acks[rank] = "applied"
-            elif st.result_version == plan.version and st.result is not PlanResult.NONE:
-                plan.acks[rank] = st.result.name.lower()
-                if st.result in (PlanResult.REJECTED, PlanResult.ROLLED_BACK) and plan.rejection is None:
-                    plan.rejection = {"rank": rank, "result": st.result.name.lower(),
-                                      "reason": st.reason.name.lower(), "detail": st.detail}
-            elif st.pending_version == plan.version:
-                plan.acks[rank] = "pending"
-        if plan.rejection is not None:
-            r = plan.rejection
-            why = f"rank {r['rank']} {r['result']}: {r['reason']} {r['detail']}"
-            self._resolve(job, plan, "rejected", why)
-        elif statuses and all(plan.acks.get(r) == "applied" for r in statuses):
-            self._resolve(job, plan, "applied", f"applied by ranks {sorted(statuses)}")
-            run.realising = Realising(plan, max(st.step for st in statuses.values()))
-        elif plan.state == "pending" and now - plan.published_s > self.policy_config(job).ack_timeout_s:
-            plan.state = "unacknowledged"
-            self.log.warning("plan not acknowledged in time", job=job, version=plan.version,
-                             timeout_s=self.policy_config(job).ack_timeout_s,
-                             acks=",".join(f"{r}:{a}" for r, a in sorted(plan.acks.items())) or "none")
-            self._record_outcome(job, plan)
+        timeout_s = self.policy_config(job).ack_timeout_s
+        outcome = read_acks(plan, feed.current_statuses(), now, timeout_s)
+        if outcome is None:
+            return
+        if outcome.state != "unacknowledged":
+            self._resolve(job, plan, outcome.state, outcome.why)
+            if outcome.state == "applied":
+                run.realising = Realising(plan, outcome.start_step)
+            return
+        plan.state = "unacknowledged"
+        self.log.warning("plan not acknowledged in time", job=job, version=plan.version, timeout_s=timeout_s,
+                         acks=",".join(f"{r}:{a}" for r, a in sorted(plan.acks.items())) or "none")
+        self._record_outcome(job, plan)
 
     def _resolve(self, job: str, plan: PlanRecord, state: str, why: str) -> None:
         plan.state = state

@@ -8,6 +8,7 @@ import numpy as np
 
 from balancerd.ingest import JobFeed
 from balancerd.placement import PlacementError, Topology, validate_placement
+from balancerd.protocol import PlanResult, StatusRecord
 from balancerd.state import JobState
 
 PLAN_STATES_FINAL = ("applied", "rejected", "superseded")
@@ -61,6 +62,44 @@ class Proposal:
     summary: dict
     selection_bias: np.ndarray | None = None
     capacity_factor: float = 0.0
+
+
+@dataclass(frozen=True)
+class AckOutcome:
+    """Where a published plan stands once the ranks' status blocks decide it."""
+
+    state: str           # applied | rejected | superseded | unacknowledged
+    why: str
+    start_step: int = 0  # applied: a step every rank had reached while serving it
+
+
+def read_acks(plan: PlanRecord, statuses: dict[int, StatusRecord], now: float,
+              ack_timeout_s: float) -> AckOutcome | None:
+    """Record each rank's answer to ``plan`` in ``plan.acks`` (and the first rejection), and return the
+    outcome once there is one: a rank serving a newer version supersedes it, any rejection or
+    rollback rejects it, every rank applying it applies it, and a plan still pending after
+    ``ack_timeout_s`` is unacknowledged (it may still be applied later)."""
+    for rank, st in statuses.items():
+        if st.applied_version > plan.version:
+            return AckOutcome("superseded", f"rank {rank} serves version {st.applied_version}")
+        if st.applied_version == plan.version:
+            plan.acks[rank] = "applied"
+        elif st.result_version == plan.version and st.result is not PlanResult.NONE:
+            plan.acks[rank] = st.result.name.lower()
+            if st.result in (PlanResult.REJECTED, PlanResult.ROLLED_BACK) and plan.rejection is None:
+                plan.rejection = {"rank": rank, "result": st.result.name.lower(),
+                                  "reason": st.reason.name.lower(), "detail": st.detail}
+        elif st.pending_version == plan.version:
+            plan.acks[rank] = "pending"
+    if plan.rejection is not None:
+        r = plan.rejection
+        return AckOutcome("rejected", f"rank {r['rank']} {r['result']}: {r['reason']} {r['detail']}")
+    if statuses and all(plan.acks.get(r) == "applied" for r in statuses):
+        return AckOutcome("applied", f"applied by ranks {sorted(statuses)}",
+                          max(st.step for st in statuses.values()))
+    if plan.state == "pending" and now - plan.published_s > ack_timeout_s:
+        return AckOutcome("unacknowledged", f"no outcome in {ack_timeout_s:g} s")
+    return None
 
 
 def unresolved_plan(saved: JobState) -> PlanRecord | None:
