@@ -117,10 +117,12 @@ def cases(preset: Preset, w: Workload, sweep: bool) -> dict[str, Callable[[int],
     if sweep:
         sms = torch.cuda.get_device_properties(w.counts.device).multi_processor_count
         for per_sm in (1, 2, 8, 16):
-            out[f"triton[programs/SM={per_sm}]"] = (
-                lambda i, per_sm=per_sm: route_triton(
-                    w.logits[i], spec, correction_bias=cb, counts=w.counts, record=w.on,
-                    launch=replace(default_launch(w.logits[i].shape[0], spec), programs=per_sm * sms)))
+            for counted in (True, False):
+                out[f"triton[programs/SM={per_sm}{'' if counted else ',no counts'}]"] = (
+                    lambda i, per_sm=per_sm, counted=counted: route_triton(
+                        w.logits[i], spec, correction_bias=cb, counts=w.counts if counted else None,
+                        record=w.on if counted else None,
+                        launch=replace(default_launch(w.logits[i].shape[0], spec), programs=per_sm * sms)))
         for block_t in (1, 2, 4, 8, 16, 32, 64):
             for warps in (1, 2, 4, 8):
                 launch = LaunchConfig(block_t, warps)
@@ -293,7 +295,7 @@ def markdown(rows: list[Row]) -> str:
 def best_launches(rows: list[Row]) -> dict[tuple[str, int], tuple[str, float]]:
     best: dict[tuple[str, int], tuple[str, float]] = {}
     for r in rows:
-        if r.case.startswith("triton[") and math.isfinite(r.us):
+        if r.case.startswith("triton[") and "no counts" not in r.case and math.isfinite(r.us):
             key = (r.preset, r.tokens)
             if key not in best or r.us < best[key][1]:
                 best[key] = (r.case, r.us)
