@@ -20,8 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-if not __package__:  # run as a file: the repo root must come first
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:  # run as a file: balancerd comes from this checkout
+    sys.path.insert(0, ROOT)
 
 from balancerd.lab.report import build_report  # noqa: E402
 

@@ -43,5 +43,9 @@ def test_recorded_four_gpu_run_rebuilds_within_the_advisor_tolerance(tmp_path: P
     ratios = {(r["ep"], r["placement"], r["phase"]): float(r["predicted_over_measured"]) for r in rows}
     assert len(ratios) == 10 and {ep for ep, _, _ in ratios} == {"1", "2", "4"}
     assert all(0.75 <= v <= 1.25 for v in ratios.values()), ratios
-    assert "10 of 10 runs within 25%" in (tmp_path / "summary.md").read_text()
-    assert (tmp_path / "predicted_vs_measured.png").stat().st_size > 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "10 of 10 runs within 25%" in summary
+    if importlib.util.find_spec("matplotlib") is None:  # an optional extra: balancerd[lab]
+        assert "No plots: matplotlib is not installed" in summary
+    else:
+        assert (tmp_path / "predicted_vs_measured.png").stat().st_size > 0
