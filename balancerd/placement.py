@@ -145,8 +145,9 @@ def imbalance_ratio(gpu_load: np.ndarray) -> np.ndarray:
     """[L] max GPU load over min GPU load; an idle GPU reads 1e9 and an all-zero layer 1.0."""
     g = np.asarray(gpu_load, dtype=np.float64)
     top = g.max(axis=1)
-    low = np.maximum(g.min(axis=1), top * _RATIO_FLOOR)
-    return np.divide(top, low, out=np.ones_like(top), where=top > 0)
+    low = np.maximum(g.min(axis=1), top * _RATIO_FLOOR)  # top * floor underflows for subnormal loads
+    out = np.where(top > 0, 1 / _RATIO_FLOOR, 1.0)
+    return np.divide(top, low, out=out, where=low > 0)
 
 
 def count_moves(old: np.ndarray, new: np.ndarray) -> np.ndarray:

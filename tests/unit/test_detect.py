@@ -220,3 +220,13 @@ def test_threshold_and_degenerate_inputs():
     bad[3][0] = np.nan
     with pytest.raises(ValueError, match="finite"):
         attribute_stragglers(*bad, threshold=1.5)
+
+
+def test_subnormal_load_reads_as_an_idle_gpu_without_a_warning():
+    """Found by hypothesis on a fresh CI run: top * 1e-9 underflowed to 0 for a subnormal load."""
+    loads = np.array([[5e-324, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        max_min, bal = ratios(loads)
+    assert max_min == pytest.approx([1e9, 1.0])
+    assert np.isfinite(bal).all()
