@@ -381,16 +381,15 @@ def _publish_positions(published: list[bool]) -> list[str]:
 
 
 def profile(body: Callable[[], None], group: EPGroup, path: Path) -> None:
-    """torch.profiler over body(): rank 0 writes PATH.txt (ops by self device time, then by host time)
-    and a Chrome trace PATH.json."""
+    """torch.profiler over body(): every rank r writes PATH-rank{r}.txt (ops by self device time, then
+    by host time) and a Chrome trace PATH-rank{r}.json (a slow rank shows up as the others' waits)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if group.device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
         body()
-    if group.rank != 0:
-        return
+    path = path.with_name(f"{path.name}-rank{group.rank}")
     path.parent.mkdir(parents=True, exist_ok=True)
     averages = prof.key_averages()
     device_key = "self_cuda_time_total" if group.device.type == "cuda" else "self_cpu_time_total"
