@@ -211,6 +211,7 @@ class Daemon:
         self._measure_ranks(job, run, feed, counts, served, topo)
         pcfg = self.policy_config(job)
         if (feed.leader and pcfg.mode == "automatic" and run.detection.should_plan
+                and now >= run.publish_after
                 and (run.last_plan is None or run.last_plan.state != "pending")):
             try:
                 proposal = self.propose(job, run, feed)
@@ -277,6 +278,7 @@ class Daemon:
         outcome = read_acks(plan, feed.current_statuses(), now, timeout_s)
         if outcome is None:
             return
+        run.note_outcome(outcome.state, now, timeout_s)
         if outcome.state != "unacknowledged":
             self._resolve(job, plan, outcome.state, outcome.why)
             if outcome.state == "applied":

@@ -9,7 +9,7 @@ import numpy as np
 from balancerd.config import DaemonConfig
 from balancerd.detect import Detection, DetectorState, Straggler
 from balancerd.ingest import Interval, JobFeed
-from balancerd.plans import PlanRecord, Realising
+from balancerd.plans import PlanRecord, Realising, retry_wait_s
 from balancerd.protocol import ControlWriter
 from balancerd.window import LoadWindow
 
@@ -35,7 +35,18 @@ class JobRun:
         self.last_plan: PlanRecord | None = None
         self.last_interval: Interval | None = None
         self.realising: Realising | None = None
+        self.failed_plans = 0                    # rejected or unacknowledged in a row
+        self.publish_after = 0.0                 # no automatic plan before this time (after failures)
         self.ratio_history: deque[np.ndarray] = deque(maxlen=RATIO_HISTORY)  # [L] max/min, oldest first
+
+    def note_outcome(self, state: str, now: float, ack_timeout_s: float) -> None:
+        """Back off automatic plans after failed ones (plans.retry_wait_s); an applied plan clears it.
+        Without this a plan the ranks refuse would be re-published every poll."""
+        if state == "applied":
+            self.failed_plans, self.publish_after = 0, 0.0
+        elif state in ("rejected", "unacknowledged"):
+            self.failed_plans += 1
+            self.publish_after = now + retry_wait_s(self.failed_plans, ack_timeout_s)
 
     def same_model(self, feed: JobFeed) -> bool:
         return (feed.world, feed.shape) == (self.world, self.shape)

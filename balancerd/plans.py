@@ -13,6 +13,7 @@ from balancerd.state import JobState
 
 PLAN_STATES_FINAL = ("applied", "rejected", "superseded")
 DIFF_LIMIT = 256          # placement diff entries in a plan answer; the rest are counted
+RETRY_BACKOFF_MAX_S = 300.0  # longest wait before an automatic plan after failed ones
 
 
 @dataclass
@@ -100,6 +101,14 @@ def read_acks(plan: PlanRecord, statuses: dict[int, StatusRecord], now: float,
     if plan.state == "pending" and now - plan.published_s > ack_timeout_s:
         return AckOutcome("unacknowledged", f"no outcome in {ack_timeout_s:g} s")
     return None
+
+
+def retry_wait_s(failures: int, ack_timeout_s: float) -> float:
+    """Seconds before the next automatic plan after ``failures`` rejected or unacknowledged plans in
+    a row: ack_timeout_s, doubling with each further failure, at most RETRY_BACKOFF_MAX_S."""
+    if failures < 1:
+        return 0.0
+    return min(RETRY_BACKOFF_MAX_S, ack_timeout_s * 2.0 ** min(failures - 1, 30))
 
 
 def unresolved_plan(saved: JobState) -> PlanRecord | None:

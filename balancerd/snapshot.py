@@ -70,6 +70,8 @@ def job_snapshot(run: JobRun, feed: JobFeed, saved: JobState, pcfg: PolicyConfig
             {"rank": s.rank, "late_us": fmt(s.late_us), "waiting_ranks": list(s.waiting_ranks),
              "expert_excess_us": fmt(s.expert_excess_us)} for s in run.stragglers],
         "last_plan": None if run.last_plan is None else run.last_plan.to_dict(now),
+        "plan_backoff": {"failed_plans": run.failed_plans,
+                         "left_s": fmt(max(0.0, run.publish_after - now))},
         "last_version": saved.last_version,
         "history": saved.history,
     }

@@ -231,6 +231,15 @@ def test_unacknowledged_and_rejected_plans_are_reported(tmp_path, action, state,
         try:
             snap = step_until(daemon, lambda s: job_of(s) and job_of(s)["last_plan"] and
                               job_of(s)["last_plan"]["state"] == state)
+            # a failed plan holds the next automatic one for the ack timeout: no re-publishing every poll
+            assert job_of(snap)["plan_backoff"]["failed_plans"] == 1
+            assert 0 < job_of(snap)["plan_backoff"]["left_s"] <= 0.5
+            version = job_of(snap)["last_plan"]["version"]
+            held_until = time.monotonic() + 0.3
+            while time.monotonic() < held_until:
+                daemon.step(time.time())
+                assert job_of(daemon.snapshot(time.time()))["last_plan"]["version"] == version
+                time.sleep(0.02)
         finally:
             daemon.close()
     plan = job_of(snap)["last_plan"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from balancerd.plans import PlanRecord, read_acks
+from balancerd.plans import RETRY_BACKOFF_MAX_S, PlanRecord, read_acks, retry_wait_s
 from balancerd.protocol import PlanResult, RejectReason, StatusRecord
 
 TIMEOUT_S = 30.0
@@ -57,3 +57,9 @@ def test_silence_turns_unacknowledged_once(now: float, state: str, expected: str
 
 def test_no_status_blocks_yet_is_not_an_outcome() -> None:
     assert read_acks(plan(), {}, 101.0, TIMEOUT_S) is None
+
+
+def test_retry_wait_doubles_from_the_ack_timeout_and_is_capped() -> None:
+    assert retry_wait_s(0, 30.0) == 0.0
+    assert [retry_wait_s(n, 30.0) for n in (1, 2, 3, 4)] == [30.0, 60.0, 120.0, 240.0]
+    assert retry_wait_s(5, 30.0) == retry_wait_s(500, 30.0) == RETRY_BACKOFF_MAX_S
