@@ -124,5 +124,9 @@ def _job_lines(name: str, j: dict, all_layers: bool) -> list[str]:
             out.append(f"    {plan['moves']} moves, balancedness {plan['balancedness_before']['mean']} -> "
                        f"{plan['balancedness_after']['mean']}, gain {plan['predicted_gain_s']} s vs "
                        f"migration {plan['migration_cost_s']} s")
+    backoff = j.get("plan_backoff") or {}
+    if backoff.get("failed_plans"):
+        out.append(f"  backing off: {backoff['failed_plans']} failed plan(s) in a row; next automatic plan "
+                   f"in {fmt_dur(backoff['left_s'])} at the earliest")
     return out
 

@@ -218,3 +218,13 @@ def test_status_text_lists_the_worst_layers_first_and_trims_big_models(served):
     assert len(shown) == 10 and [float(x[2]) for x in shown][:3] == [12.0, 12.0, 12.0]
     assert sum("FLAGGED" in line for line in text.splitlines()) == 6  # 11 and 12, three times each
     assert len([line for line in render(state, all_layers=True).splitlines() if "  layer " in line]) == 40
+
+
+def test_status_text_says_when_automatic_plans_are_backing_off(served):
+    _, client, _, _ = served
+    state = client.request({"op": "status"})["state"]
+    j = state["jobs"]["fake"]
+    assert j["plan_backoff"] == {"failed_plans": 0, "left_s": 0.0}
+    assert "backing off" not in render(state)
+    j["plan_backoff"] = {"failed_plans": 3, "left_s": 118.0}
+    assert "backing off: 3 failed plan(s) in a row; next automatic plan in" in render(state)
