@@ -458,4 +458,8 @@ def last_plan_lines(job: dict, now: float | None) -> list[str]:
     now_mean = mean_balancedness(job)
     if plan["state"] == "applied" and now_mean is not None:
         lines.append(f"measured now: mean balancedness {now_mean:.3f}")
+    backoff = job.get("plan_backoff") or {}
+    if backoff.get("failed_plans"):
+        lines.append(f"backing off: {backoff['failed_plans']} failed in a row; next automatic plan in "
+                     f"{fmt_dur(backoff['left_s'])} at the earliest")
     return lines
