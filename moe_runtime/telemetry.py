@@ -10,7 +10,9 @@ At a publish step, on every rank at the same step:
 3. the reduced words are copied to pinned memory and the counters are reset (stream-ordered);
 4. at a later step, once the copies have completed (an event query, never a wait), the snapshot is
    handed to a background thread that writes the record into the ring. Handing over from the step
-   call means the thread runs while the GPU has the next step's work, and it makes no CUDA calls.
+   call means the thread runs while the GPU has the next step's work, and it makes no CUDA calls
+   while steps come; after IDLE_HAND_OVER_S without a step it hands over itself, so an idle engine's
+   last interval still reaches the ring.
 
 Publishing is every ``interval_steps`` steps, or with ``interval_ms`` about every T ms: rank 0 then
 proposes the number of steps from its measured step time at each publish, the proposal rides on the
@@ -40,6 +42,7 @@ from moe_runtime.counters import Counters, CounterSnapshot
 from moe_runtime.group import EPGroup
 
 INTERVAL_WORD = 0  # the spare word carrying rank 0's proposed publish interval; the caller's words follow
+IDLE_HAND_OVER_S = 1.0  # with no step() for this long, the writer thread hands completed snapshots over
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ class TelemetryPublisher:
         self._next_slot = 0
         self._last_slot: _Slot | None = None
         self._in_flight: deque[_Snapshot] = deque()
+        self._lock = threading.Lock()  # the writer thread hands over too when no step() comes
         self._queue: queue.Queue[_Snapshot | None] = queue.Queue()
         self._thread = threading.Thread(target=self._drain, name="balancerd-telemetry", daemon=True)
         self._thread.start()
@@ -195,8 +199,9 @@ class TelemetryPublisher:
         if full:
             self.discarded += 1
         else:
-            self._in_flight.append(_Snapshot(self._first_step, step, self._tokens, placement_version, slot,
-                                             step_us, timings))
+            with self._lock:
+                self._in_flight.append(_Snapshot(self._first_step, step, self._tokens, placement_version,
+                                                 slot, step_us, timings))
         self._last_slot = slot
         self._first_step, self._tokens = step + 1, 0
         self._next_publish = step + self.interval
@@ -226,12 +231,17 @@ class TelemetryPublisher:
 
     def _hand_over(self) -> None:
         """Queue the snapshots whose copies have completed for the writer thread (never waits)."""
-        while self._in_flight and self._in_flight[0].slot.done.query():
-            self._queue.put(self._in_flight.popleft())
+        with self._lock:
+            while self._in_flight and self._in_flight[0].slot.done.query():
+                self._queue.put(self._in_flight.popleft())
 
     def _drain(self) -> None:
         while True:
-            snap = self._queue.get()
+            try:
+                snap = self._queue.get(timeout=IDLE_HAND_OVER_S)
+            except queue.Empty:  # no step() is handing over (an idle engine): do it here, off any launch
+                self._hand_over()
+                continue
             if snap is None:
                 return
             host, reduced = snap.slot.host, snap.slot.reduced
@@ -248,10 +258,12 @@ class TelemetryPublisher:
 
     def close(self) -> None:
         """Flush the records still in flight, stop the writer thread and close the ring (the file stays)."""
-        for snap in self._in_flight:
+        with self._lock:
+            left = list(self._in_flight)
+            self._in_flight.clear()
+        for snap in left:
             snap.slot.done.synchronize()
             self._queue.put(snap)
-        self._in_flight.clear()
         self._queue.put(None)
         self._thread.join(timeout=10)
         self.writer.close()

@@ -14,7 +14,7 @@ from distributed import run_world
 
 from balancerd.protocol import TelemetryReader, ring_path
 from moe_runtime import Counters, ep_group
-from moe_runtime.telemetry import TelemetryConfig, TelemetryPublisher
+from moe_runtime.telemetry import IDLE_HAND_OVER_S, TelemetryConfig, TelemetryPublisher
 
 pytestmark = pytest.mark.slow
 
@@ -124,3 +124,26 @@ def test_slow_writer_discards_instead_of_waiting(tmp_path: Path, monkeypatch: py
     records = TelemetryReader.open(ring_path(tmp_path, "pub", 0)).poll()
     assert 1 <= len(records) == 20 - publisher.discarded
     assert all(int(r.routed.sum()) == 1 for r in records)
+
+
+def test_an_idle_engines_last_interval_still_reaches_the_ring(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        counters = Counters(L, E, K)
+        config = TelemetryConfig(job="pub", interval_steps=2, directory=str(tmp_path))
+        publisher = TelemetryPublisher(counters, ep_group(), config)
+        reader = TelemetryReader.open(ring_path(tmp_path, "pub", 0))
+        for step in range(2):
+            _count_step(counters, 0, step)
+            publisher.step(step, tokens=1, placement_version=0)
+        records: list = []  # no further step() comes: the writer thread hands the snapshot over itself
+        deadline = time.monotonic() + 5 * IDLE_HAND_OVER_S
+        while not records and time.monotonic() < deadline:
+            records += reader.poll()
+            time.sleep(0.05)
+        assert [(r.first_step, r.last_step) for r in records] == [(0, 1)]
+        publisher.close()
+    finally:
+        dist.destroy_process_group()
