@@ -3,7 +3,8 @@
 Run from the repository root on a CUDA machine (torch >= 2.11, triton >= 3.6):
 
     python -m benchmarks.kernels --out out/kernels            # both presets, all token counts
-    python -m benchmarks.kernels --out out/kernels --sweep    # also time launch configurations
+    python -m benchmarks.kernels --out out/kernels --sweep programs  # also programs a multiprocessor
+    python -m benchmarks.kernels --out out/kernels --sweep launch    # also block_t x num_warps (slow)
 
 For each preset and token count it first checks the kernel against the reference on the GPU, then
 times (median us, CUDA events): the reference (eager, CUDA graph), the Triton route (eager, graph,
@@ -92,7 +93,7 @@ class Workload:
         self.off = torch.zeros((), dtype=torch.int32, device=dev)
 
 
-def cases(preset: Preset, w: Workload, sweep: bool) -> dict[str, Callable[[int], object]]:
+def cases(preset: Preset, w: Workload, sweep: str) -> dict[str, Callable[[int], object]]:
     """Named calls of one buffer index each."""
     spec, cb = preset.spec, w.correction
 
@@ -107,22 +108,24 @@ def cases(preset: Preset, w: Workload, sweep: bool) -> dict[str, Callable[[int],
                                              record=w.off),
         "triton-selection-bias": lambda i: route(w.logits[i], spec, correction_bias=cb,
                                                  selection_bias=w.selection, counts=w.counts, record=w.on),
-        "triton-block-a-program": lambda i: route_triton(  # no grid-stride loop: a tally per block
+        "triton-block-a-program": lambda i: route_triton(  # one block a program: no grid-stride loop
             w.logits[i], spec, correction_bias=cb, counts=w.counts, record=w.on,
             launch=replace(default_launch(w.logits[i].shape[0], spec), programs=1 << 30)),
         "gemm": gemm,
         "gemm+triton": lambda i: route(gemm(i), spec, correction_bias=cb, counts=w.counts, record=w.on),
         "gemm+reference": lambda i: route_reference(gemm(i), spec, correction_bias=cb, counts=w.counts),
     }
-    if sweep:
+    if sweep in ("programs", "all"):
         sms = torch.cuda.get_device_properties(w.counts.device).multi_processor_count
-        for per_sm in (1, 2, 8, 16):
+        for per_sm in (1, 2, 4, 8, 16, None):  # None: one block a program
+            programs = 1 << 30 if per_sm is None else per_sm * sms
             for counted in (True, False):
-                out[f"triton[programs/SM={per_sm}{'' if counted else ',no counts'}]"] = (
-                    lambda i, per_sm=per_sm, counted=counted: route_triton(
+                out[f"triton[programs/SM={per_sm or 'all'}{'' if counted else ',no counts'}]"] = (
+                    lambda i, programs=programs, counted=counted: route_triton(
                         w.logits[i], spec, correction_bias=cb, counts=w.counts if counted else None,
                         record=w.on if counted else None,
-                        launch=replace(default_launch(w.logits[i].shape[0], spec), programs=per_sm * sms)))
+                        launch=replace(default_launch(w.logits[i].shape[0], spec), programs=programs)))
+    if sweep in ("launch", "all"):
         for block_t in (1, 2, 4, 8, 16, 32, 64):
             for warps in (1, 2, 4, 8):
                 launch = LaunchConfig(block_t, warps)
@@ -228,7 +231,7 @@ def _settle() -> None:
         traceback.print_exc()
 
 
-def measure(preset: Preset, tokens: int, rec: Recorder, sweep: bool, gen: torch.Generator) -> None:
+def measure(preset: Preset, tokens: int, rec: Recorder, sweep: str, gen: torch.Generator) -> None:
     try:
         w = Workload(preset, tokens, gen)
     except Exception as exc:
@@ -307,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory for route.csv and route.md")
     parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=sorted(PRESETS))
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
-    parser.add_argument("--sweep", action="store_true", help="also time block_t x num_warps")
+    parser.add_argument("--sweep", choices=("none", "programs", "launch", "all"), default="none",
+                        help="also time programs a multiprocessor, or block_t x num_warps (minutes), or both")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

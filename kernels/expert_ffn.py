@@ -24,7 +24,7 @@ BACKENDS = ("loop", "triton", "grouped_mm")
 BACKEND_ENV = "BALANCERD_EXPERT_BACKEND"  # forces one backend on CUDA tensors (benchmarks, bisecting)
 
 # bf16: the backend by rows per local slot (assignments / slots); the first bound >= the rows wins.
-# From benchmarks/dispatch_gpu.py's FFN table; see docs/_kernels_permute.md.
+# From benchmarks/dispatch_gpu.py's FFN table; see docs/kernels.md.
 BF16_BY_ROWS: tuple[tuple[float, str], ...] = ((64, "triton"), (math.inf, "grouped_mm"))
 
 

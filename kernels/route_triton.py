@@ -1,13 +1,14 @@
 """Fused routing kernel: logits -> scores -> (grouped) top-k -> weights -> per-expert counts.
 
-A program routes blocks of BLOCK_T tokens (a grid-stride loop over blocks, at most a few programs a
-multiprocessor) with a whole row of experts in registers: a [BLOCK_T, GP * GSP] tile (groups and
-group size each padded to a power of two and masked), viewed as
-[BLOCK_T, GP, GSP] for the group stage. Every selection step is a max over packed int64 keys,
+A program routes blocks of BLOCK_T tokens (a grid-stride loop over blocks once there are more than
+PROGRAMS_PER_SM programs a multiprocessor) with a whole row of experts in registers: a
+[BLOCK_T, GP * GSP] tile (groups and group size each padded to a power of two and masked), viewed
+as [BLOCK_T, GP, GSP] for the group stage. Every selection step is a max over packed int64 keys,
 (order-preserving bits of the score) << 32 | (2^31 - 1 - expert), so one reduction yields both the
 largest score and, among equal scores, the lowest expert index: exactly torch's stable descending
-order. A chosen key is overwritten with MIN_KEY, which also marks the assignments for the
-per-program tally (summed once, then one atomic per expert per program). Design notes: docs/_kernels_notes.md.
+order. A chosen key is overwritten with MIN_KEY. Per-expert counts come from a second pass over the
+ids the program stored (a histogram per block, one atomic per expert per program), so the routing
+loop carries no tally in registers. Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ class LaunchConfig:
             raise ValueError(f"programs must be >= 1, got {self.programs}")
 
 
-# Resident programs a streaming multiprocessor: enough warps to hide latency, while the per-program
-# histograms (one atomic per expert per program) stay few: 528 programs on an H200.
-PROGRAMS_PER_SM = 4
+# Programs a streaming multiprocessor (2112 on an H200): only about 3 are resident at a time (164
+# registers a thread), the rest start as others finish, which hides each program's tail (its count
+# pass and atomics) better than a longer loop; measured best from 4096 to 65536 tokens
+# (`benchmarks/kernels.py --sweep programs`), and it bounds the atomics of very large batches.
+PROGRAMS_PER_SM = 16
 
 
 def default_launch(tokens: int, spec: RoutingSpec) -> LaunchConfig:
@@ -130,9 +133,6 @@ def _route_kernel(logits_ptr, stride_t, cbias_ptr, sbias_ptr, counts_ptr, record
     expert = (col // GSP) * GROUP_SIZE + col % GSP
     valid = (col % GSP < GROUP_SIZE) & (col // GSP < GROUPS)
     slot = tl.arange(0, KP)
-    # Counts build up element-wise over the program's blocks: one reduction and one atomic per
-    # expert at the end, not per block.
-    tally = tl.zeros([BLOCK_T, GP * GSP], dtype=tl.int32)
     changed = tl.full([], 0, tl.int64)
     block = pid
     while block < blocks:  # a while loop: the interpreter cannot take a run-time range bound
@@ -157,13 +157,11 @@ def _route_kernel(logits_ptr, stride_t, cbias_ptr, sbias_ptr, counts_ptr, record
             biased = sel + tl.load(sbias_ptr + expert, mask=valid, other=0.0)[None, :]
 
         ids, key = _select(biased, expert, valid, GROUPS, TOPK_GROUPS, GP, GSP, K, KP, BLOCK_T)
-        chosen = (key == MIN_KEY) & valid[None, :] & row_ok[:, None]
         if HAS_SBIAS:
+            chosen = (key == MIN_KEY) & valid[None, :] & row_ok[:, None]
             _, unbiased_key = _select(sel, expert, valid, GROUPS, TOPK_GROUPS, GP, GSP, K, KP, BLOCK_T)
             moved = chosen & (unbiased_key != MIN_KEY)
             changed += tl.sum(tl.sum(moved.to(tl.int64), axis=1), axis=0)
-        if COUNT:
-            tally += chosen.to(tl.int32)
 
         out_mask = row_ok[:, None] & (slot[None, :] < K)
         picked = tl.load(row_base[:, None] + ids, mask=out_mask, other=0.0).to(tl.float32)
@@ -184,10 +182,22 @@ def _route_kernel(logits_ptr, stride_t, cbias_ptr, sbias_ptr, counts_ptr, record
     else:
         tl.store(changed_ptr, changed, mask=pid == 0)
     if COUNT:
-        hist = tl.sum(tally, axis=0)
+        # A second pass over the ids this program stored (in L2): the routing loop keeps no tally
+        # alive, which would cost it registers and occupancy.
+        tl.debug_barrier()
+        bins = tl.arange(0, GP * GSP)
+        hist = tl.zeros([GP * GSP], dtype=tl.int32)
+        block = pid
+        while block < blocks:
+            rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
+            out_mask = (rows < tokens)[:, None] & (slot[None, :] < K)
+            got = tl.load(ids_ptr + rows.to(tl.int64)[:, None] * K + slot[None, :], mask=out_mask, other=0)
+            hist += tl.histogram(tl.reshape(got.to(tl.int32), [BLOCK_T * KP]), GP * GSP,
+                                 mask=tl.reshape(out_mask, [BLOCK_T * KP]))
+            block += programs
         if HAS_RECORD:
             hist = hist * tl.load(record_ptr)
-        tl.atomic_add(counts_ptr + expert, hist, mask=valid & (hist != 0), sem="relaxed")
+        tl.atomic_add(counts_ptr + bins, hist, mask=(bins < GROUPS * GROUP_SIZE) & (hist != 0), sem="relaxed")
 
 
 def kernel_constants(spec: RoutingSpec, launch: LaunchConfig, *, correction: bool, selection: bool,
