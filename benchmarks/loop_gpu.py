@@ -79,7 +79,9 @@ REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["world", "tokens", "layers", "slots_per_rank", "planner", "static_ms", "rebalanced_ms", "speedup",
            "speedup_ge_1.3", "migration_steps", "migration_max_ms", "migration_max_over_median",
            "steps_over_2x", "waiting_steps", "migrated_MB", "gpu_max_min_before", "gpu_max_min_after",
-           "balancedness_before", "balancedness_after", "max_rel_err"]
+           "balancedness_before", "balancedness_after", "dispatch_ms_max_before", "dispatch_ms_max_after",
+           "expert_ms_max_before", "expert_ms_max_after", "combine_ms_max_before", "combine_ms_max_after",
+           "max_rel_err"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,24 +287,37 @@ def model_config(args: argparse.Namespace) -> MoEConfig:
     return MoEConfig.preset("qwen3-235b-a22b", layers=args.layers)
 
 
-def gpu_loads(runtime: Path, job: str, world: int, first: int, last: int) -> np.ndarray | None:
-    """[L, G] assignments each rank's slots processed in the publish intervals inside [first, last]."""
-    per_rank = []
+def ring_window(runtime: Path, job: str, world: int, first: int, last: int) -> tuple[np.ndarray, dict] | None:
+    """From the ranks' rings, the publish intervals inside [first, last]: [L, G] assignments each rank's
+    slots processed, and per phase (dispatch, expert, combine) the ms a step spends in it over all
+    layers, per rank [G] (means of the timed steps; dispatch includes the wait for the slowest rank)."""
+    loads, phases = [], {"dispatch": [], "expert": [], "combine": []}
     for rank in range(world):
         reader = TelemetryReader.open(ring_path(runtime, job, rank))
         recs = [r for r in reader.poll() if r.first_step >= first and r.last_step <= last]
         reader.close()
         if not recs:
             return None
-        per_rank.append(sum(r.received.sum(axis=1).astype(np.float64) for r in recs))
-    return np.stack(per_rank, axis=1)
+        loads.append(sum(r.received.sum(axis=1).astype(np.float64) for r in recs))
+        for phase, per_rank in phases.items():
+            per_rank.append(float(np.mean([getattr(r, f"{phase}_us").sum() for r in recs])) / 1e3)
+    return np.stack(loads, axis=1), {phase: np.array(v) for phase, v in phases.items()}
 
 
-def load_ratios(loads: np.ndarray | None) -> tuple[float, float]:
+def load_ratios(window: tuple[np.ndarray, dict] | None) -> tuple[float, float]:
     """(GPU max/min, max/mean), each the mean over layers."""
-    if loads is None:
+    if window is None:
         return float("nan"), float("nan")
+    loads = window[0]
     return float(imbalance_ratio(loads).mean()), float(balancedness(loads).mean())
+
+
+def phase_columns(window: tuple[np.ndarray, dict] | None, when: str) -> dict:
+    """Per phase the slowest and the fastest rank's ms a step, e.g. expert_ms_max_before."""
+    if window is None:
+        return {}
+    return {f"{phase}_ms_{how}_{when}": float(fn(ms)) for phase, ms in window[1].items()
+            for how, fn in (("max", np.max), ("min", np.min))}
 
 
 def give_up(group: EPGroup, rank0_says: bool) -> bool:
@@ -418,8 +433,9 @@ def run_case(group: EPGroup, args: argparse.Namespace, tokens: int, planner, run
     rebalanced = statistics.median(by_phase["rebalanced"])
     worst = max(by_phase["migration"])
     static_end = args.warmup + args.static_steps
-    before = load_ratios(gpu_loads(runtime, job, group.world, args.warmup, static_end - 1))
-    after = load_ratios(gpu_loads(runtime, job, group.world, trace.applied_at + 1, len(step_ms)))
+    window_before = ring_window(runtime, job, group.world, args.warmup, static_end - 1)
+    window_after = ring_window(runtime, job, group.world, trace.applied_at + 1, len(step_ms))
+    before, after = load_ratios(window_before), load_ratios(window_after)
     row.update({
         "rebalanced_ms": rebalanced, "rebalanced_tok_s": tokens * group.world / rebalanced * 1e3,
         "speedup": static / rebalanced, "speedup_ge_1.3": static / rebalanced >= 1.3,
@@ -429,6 +445,7 @@ def run_case(group: EPGroup, args: argparse.Namespace, tokens: int, planner, run
         "waiting_max_ms": max(by_phase["waiting"], default=0.0), "migrated_MB": migrated / 1e6,
         "gpu_max_min_before": before[0], "gpu_max_min_after": after[0],
         "balancedness_before": before[1], "balancedness_after": after[1],
+        **phase_columns(window_before, "before"), **phase_columns(window_after, "after"),
     })
     if args.reference:
         row["max_rel_err"], row["reference_checks"] = err, trace.reference_checks
