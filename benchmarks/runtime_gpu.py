@@ -42,6 +42,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -52,6 +53,7 @@ if not __package__:  # run as a file: the repo root must come first (benchmarks/
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.profiler import record_function  # noqa: E402
 
 from moe_runtime import (  # noqa: E402
     Counters,
@@ -81,15 +83,31 @@ def default_out() -> Path:
     return Path(os.environ.get("OUT") or "out")
 
 
-def init_distributed(device: str, timeout_s: float) -> EPGroup:
+def pin_to_cpus(local_rank: int, local_world: int) -> list[int]:
+    """Bind this process to its own contiguous share of the CPUs it may run on (rank r: share r), as
+    serving engines do per GPU: unpinned, launch-bound ranks share and trade cores, and eager steps
+    swing between regimes up to 1.5x apart. Returns the CPUs bound (all of them if too few to share)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    share = len(cpus) // max(local_world, 1)
+    if share < 1:
+        return cpus
+    mine = cpus[local_rank * share:(local_rank + 1) * share]
+    os.sched_setaffinity(0, mine)
+    return mine
+
+
+def init_distributed(device: str, timeout_s: float, pin_cpus: bool = True) -> EPGroup:
     """One process per rank from torchrun's environment (or a world of one without it): NCCL on the
-    local GPU, gloo on CPU. Returns the world as the EP group."""
+    local GPU, gloo on CPU. With `pin_cpus`, a CUDA rank is bound to its share of the CPUs
+    (`pin_to_cpus`). Returns the world as the EP group."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517")):
         os.environ.setdefault(key, value)
     timeout = timedelta(seconds=timeout_s)
     if device == "cuda":
+        if pin_cpus:
+            pin_to_cpus(int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         local = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", timeout=timeout, device_id=local)
@@ -308,7 +326,6 @@ def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argpa
             graphs[mode].replay()
     else:
         def forward(mode: str, i: int) -> None:
-            attach(mode)
             stack(inputs[i % len(inputs)])
 
     seg = args.segment_steps
@@ -322,18 +339,21 @@ def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argpa
 
         published: list[bool] = []  # per kept on step: whether it published
 
-        def segment(mode: str, steps: int, keep: bool) -> None:
+        def segment(mode: str, steps: int, keep: bool, marked: bool = False) -> None:
             nonlocal on_step
+            if not graphed:
+                attach(mode)  # outside the timed steps
             for i in range(steps):
                 sync(group.device)
                 start = time.perf_counter()
-                forward(mode, i)
-                if mode == "on":
-                    if keep:
-                        published.append(controller.publisher.is_publish_step(on_step))
-                    controller.after_step(on_step, tokens)
-                    on_step += 1
-                sync(group.device)
+                with record_function(f"step-{mode}") if marked else nullcontext():  # profiles' step marker
+                    forward(mode, i)
+                    if mode == "on":
+                        if keep:
+                            published.append(controller.publisher.is_publish_step(on_step))
+                        controller.after_step(on_step, tokens)
+                        on_step += 1
+                    sync(group.device)
                 if keep:
                     times[mode].append(time.perf_counter() - start)
 
@@ -346,8 +366,8 @@ def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argpa
                         segment(mode, seg, keep=True)
                 if args.profile_steps:
                     for mode in ("off", "on"):
-                        profile(lambda mode=mode: segment(mode, args.profile_steps, keep=False), group,
-                                args.out / f"profile-{model}-{how}-{tokens}-{mode}")
+                        profile(lambda mode=mode: segment(mode, args.profile_steps, keep=False, marked=True),
+                                group, args.out / f"profile-{model}-{how}-{tokens}-{mode}")
         finally:
             controller.close()
     n = len(times["off"])
@@ -418,7 +438,7 @@ def cases(section: str, group: EPGroup, args: argparse.Namespace) -> list[tuple[
                 for m in MODELS for mode in ("capacity", "exact")]
     return [({"model": m, "dispatch": how, "layers": args.overhead_layers, "tokens": t},
              partial(overhead_case, group, m, t, how, args))
-            for how in args.overhead_dispatch for m in MODELS for t in args.tokens]
+            for how in args.overhead_dispatch for m in args.models for t in args.tokens]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -432,6 +452,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="small overhead shapes and few steps (CPU check)")
     p.add_argument("--eq-tokens", type=int, default=128, help="tokens per rank, equivalence and sync")
     p.add_argument("--tokens", default="64,4096", help="tokens per rank, overhead section")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated presets, overhead section")
     p.add_argument("--overhead-dispatch", default="exact",
                    help=f"comma-separated subset of {OVERHEAD_DISPATCH}: exact (eager) and graph (capacity "
                         "dispatch replayed from a CUDA graph), overhead section")
@@ -451,6 +472,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(torch.profiler)")
     p.add_argument("--seed", type=int, default=0, help="weights, placements and inputs")
     p.add_argument("--timeout", type=float, default=300, help="collective timeout, seconds")
+    p.add_argument("--no-pin-cpus", dest="pin_cpus", action="store_false",
+                   help="leave CUDA ranks unbound (default: each on its own share of the CPUs)")
     if p.parse_args(argv).tiny:  # --tiny changes the defaults; explicit options still win
         p.set_defaults(tokens="16,64", segments=4, segment_steps=8, warmup=2)
     args = p.parse_args(argv)
@@ -458,6 +481,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown := set(args.sections) - set(SECTIONS):
         p.error(f"unknown section(s) {sorted(unknown)}")
     args.tokens = [int(t) for t in args.tokens.split(",")]
+    args.models = [m for m in args.models.split(",") if m]
+    if unknown := set(args.models) - set(MODELS):
+        p.error(f"unknown --models {sorted(unknown)}")
     args.overhead_dispatch = [h for h in args.overhead_dispatch.split(",") if h]
     if unknown := set(args.overhead_dispatch) - set(OVERHEAD_DISPATCH):
         p.error(f"unknown --overhead-dispatch {sorted(unknown)}")
@@ -466,7 +492,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    group = init_distributed(args.device, args.timeout)
+    group = init_distributed(args.device, args.timeout, args.pin_cpus)
     try:
         log(group, f"runtime_gpu: world {group.world} on {group.device.type}, torch {torch.__version__}, "
                    f"out {args.out}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,17 @@ def _check(cfg: MoEConfig, layer: int, group: EPGroup, placement: RuntimePlaceme
                              or bias.device != group.device):
         raise ValueError(f"selection_bias must be [{cfg.experts}] float32 on {group.device}, "
                          f"got {list(bias.shape)} {bias.dtype} on {bias.device}")
+
+
+class _LayerCounters(NamedTuple):
+    """One layer's rows of the counters, sliced once: the forward is launch-bound at small batches."""
+
+    counters: Counters
+    routed: torch.Tensor
+    received: torch.Tensor
+    dropped: torch.Tensor
+    bias_changed: torch.Tensor
+    record: torch.Tensor
 
 
 class EPMoELayer(nn.Module):
@@ -93,6 +105,18 @@ class EPMoELayer(nn.Module):
             self.shared_gate_up.copy_(w.shared_gate_up)
             self.shared_down.copy_(w.shared_down)
 
+    @property
+    def counters(self) -> Counters | None:
+        return None if self._rows is None else self._rows.counters
+
+    @counters.setter
+    def counters(self, counters: Counters | None) -> None:
+        """Attach (or with None detach) counters; read on every forward."""
+        i = self.layer
+        self._rows = None if counters is None else _LayerCounters(
+            counters, counters.routed[i], counters.received[i], counters.dropped[i], counters.bias_changed[i],
+            counters.record)
+
     def _timed(self, phase: str):
         c = self.counters
         return c.timed(phase, self.layer) if c is not None and c.timing else nullcontext()
@@ -100,25 +124,25 @@ class EPMoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.cfg.hidden:
             raise ValueError(f"EPMoELayer takes [tokens, {self.cfg.hidden}], got {list(x.shape)}")
-        c, layer, pl = self.counters, self.layer, self.placement
+        c, layer, pl = self._rows, self.layer, self.placement
         r = route(F.linear(x, self.router, self.router_bias), self.spec, correction_bias=self.correction_bias,
-                  selection_bias=self.selection_bias, counts=None if c is None else c.routed[layer],
+                  selection_bias=self.selection_bias, counts=None if c is None else c.routed,
                   record=None if c is None else c.record)
         phys = choose_replicas(r.ids, pl.log_to_phys[layer], pl.replicas[layer], offset=self.group.rank)
         with self._timed("dispatch"):
             recv, path = dispatch(x, phys, r.weights, self.group, pl.slots_per_rank, self.dispatch_config)
         with self._timed("expert"):  # received per slot is counted inside the expert path
             y = run_experts(recv.x, recv.slots, recv.weights, self.w_gate_up, self.w_down, recv.slot_sizes,
-                            count=None if c is None else (c.received[layer], c.record))
+                            count=None if c is None else (c.received, c.record))
         with self._timed("combine"):
             out = combine(y, path, self.group, x.shape[0])
         if self.shared_gate_up is not None:
             out += swiglu(x, self.shared_gate_up, self.shared_down).float()
         if c is not None:  # gated by the device flag
             if self.selection_bias is not None:
-                c.bias_changed[layer].addcmul_(r.changed, c.record)
+                c.bias_changed.addcmul_(r.changed, c.record)
             if recv.dropped is not None:
-                c.dropped[layer].addcmul_(recv.dropped, c.record)
+                c.dropped.addcmul_(recv.dropped, c.record)
         return out.to(x.dtype)
 
 
