@@ -310,8 +310,10 @@ def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argpa
 
     def attach(mode: str) -> None:
         for layer in stack.layers:
-            layer.counters = counters if mode == "on" else None
+            layer.counters = counters if mode == "on" and "counters" in args.on_parts else None
 
+    if "controller" not in args.on_parts:
+        counters.set_timing(False)  # no publisher samples the timers
     if graphed:
         static = inputs[0].clone()
         graphs = {}
@@ -348,11 +350,13 @@ def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argpa
                 start = time.perf_counter()
                 with record_function(f"step-{mode}") if marked else nullcontext():  # profiles' step marker
                     forward(mode, i)
-                    if mode == "on":
+                    if mode == "on" and "controller" in args.on_parts:
                         if keep:
                             published.append(controller.publisher.is_publish_step(on_step))
                         controller.after_step(on_step, tokens)
                         on_step += 1
+                    elif mode == "on" and keep:
+                        published.append(False)
                     sync(group.device)
                 if keep:
                     times[mode].append(time.perf_counter() - start)
@@ -470,6 +474,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=0,
                    help="overhead section: after timing, profile this many steps of each mode "
                         "(torch.profiler)")
+    p.add_argument("--on-parts", default="counters,controller",
+                   help="what 'on' adds, for finding what costs: counters (counting in the forward), "
+                        "controller (PlanController.after_step: publishing, plan checks)")
     p.add_argument("--seed", type=int, default=0, help="weights, placements and inputs")
     p.add_argument("--timeout", type=float, default=300, help="collective timeout, seconds")
     p.add_argument("--no-pin-cpus", dest="pin_cpus", action="store_false",
@@ -482,6 +489,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown section(s) {sorted(unknown)}")
     args.tokens = [int(t) for t in args.tokens.split(",")]
     args.models = [m for m in args.models.split(",") if m]
+    args.on_parts = {part for part in args.on_parts.split(",") if part}
+    if unknown := args.on_parts - {"counters", "controller"}:
+        p.error(f"unknown --on-parts {sorted(unknown)}")
     if unknown := set(args.models) - set(MODELS):
         p.error(f"unknown --models {sorted(unknown)}")
     args.overhead_dispatch = [h for h in args.overhead_dispatch.split(",") if h]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 PHASES = ("dispatch", "expert", "combine")
+MAX_PENDING_TIMERS = 256  # timed phases awaiting completion before `timed` collects them itself
 
 
 @dataclass
@@ -86,9 +87,12 @@ class Counters:
         self.record.fill_(int(on))
 
     def set_timing(self, on: bool) -> None:
-        """Time the phases of the coming step or not. Timing every step costs a few event records per
-        layer; the telemetry publisher samples one step in `timing_every`, which is enough for means."""
+        """Time the phases of the coming step or not, and collect the timers completed so far (once a
+        step: each query is a driver call on the launch path). Timing every step costs a few event
+        records per layer; the telemetry publisher samples one step in `timing_every`."""
         self.timing = on
+        if self._pending:
+            self._collect()
 
     @contextmanager
     def timed(self, phase: str, layer: int):
@@ -111,7 +115,8 @@ class Counters:
         yield
         end.record()
         self._pending.append((phase, layer, start, end))
-        self._collect()  # keeps the queue as short as the GPU's lag behind the host
+        if len(self._pending) > MAX_PENDING_TIMERS:  # only without set_timing calls (every step timed)
+            self._collect()
 
     def _collect(self) -> None:
         while self._pending and self._pending[0][3].query():
