@@ -69,7 +69,7 @@ from moe_runtime import (  # noqa: E402
 from moe_runtime.bench_ep import capture  # noqa: E402
 from moe_runtime.controller import PlanController  # noqa: E402
 from moe_runtime.synthetic import device_weights, load_layers  # noqa: E402
-from moe_runtime.telemetry import TelemetryConfig  # noqa: E402
+from moe_runtime.telemetry import WRITE_FROM, TelemetryConfig  # noqa: E402
 
 MODELS = ("qwen3-235b-a22b", "deepseek-v3")
 SECTIONS = ("equivalence", "sync", "overhead")
@@ -334,7 +334,7 @@ def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argpa
     with tempfile.TemporaryDirectory(prefix="balancerd-bench-") as runtime:
         telemetry = TelemetryConfig(job=f"ovh{group.rank}", interval_steps=args.interval,
                                     interval_ms=args.interval_ms, timing_every=args.timing_every,
-                                    directory=runtime)
+                                    write_from=args.write_from, directory=runtime)
         controller = PlanController(stack, placement, group, counters, telemetry=telemetry)
         times: dict[str, list[float]] = {"off": [], "on": []}
         on_step = 0
@@ -466,6 +466,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interval", type=int, default=16, help="telemetry publish interval, steps")
     p.add_argument("--timing-every", type=int, default=TelemetryConfig.timing_every,
                    help="time the phases of one step in this many (TelemetryConfig.timing_every)")
+    p.add_argument("--write-from", choices=WRITE_FROM, default=TelemetryConfig.write_from,
+                   help="where records are written (TelemetryConfig.write_from)")
     p.add_argument("--interval-ms", type=float, default=None,
                    help="publish about this often instead (TelemetryConfig.interval_ms)")
     p.add_argument("--warmup", type=int, default=8, help="warm-up steps per mode")

@@ -44,6 +44,12 @@ from moe_runtime.group import EPGroup
 
 INTERVAL_WORD = 0  # the spare word carrying rank 0's proposed publish interval; the caller's words follow
 IDLE_HAND_OVER_S = 1.0  # with no step() for this long, the writer thread hands completed snapshots over
+# Where records are written. "thread": the background thread, off the engine's thread; right where the
+# host waits on the GPU (CUDA graphs, large batches). "step": inside the next step() once the copies
+# are done (~20-60 us, one step in an interval): for launch-bound eager loops, where a second Python
+# thread costs the engine's thread far more than the write in GIL hand-offs (0.3-0.8 ms a publish,
+# measured). The thread still writes what an idle engine leaves behind.
+WRITE_FROM = ("thread", "step")
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,8 @@ class TelemetryConfig:
     max_interval_steps: int = 4096     # bound on the steps between publishes with interval_ms
     ring_capacity: int = 64
     global_view: bool = True       # all-reduce routed counts so every daemon sees the global load
-    timing_every: int = 4          # time the phases of one step in this many (means need no more)
+    timing_every: int = 16         # time the phases of one step in this many (means need no more)
+    write_from: str = "thread"     # "step": write records inside step() instead (see WRITE_FROM)
     max_pending: int = 4
     directory: str | None = None   # None: balancerd.protocol.runtime_dir()
 
@@ -72,6 +79,9 @@ class TelemetryConfig:
             raise ValueError(f"TelemetryConfig.ring_capacity must be >= 2, got {self.ring_capacity}")
         if self.max_pending < 1:
             raise ValueError(f"TelemetryConfig.max_pending must be >= 1, got {self.max_pending}")
+        if self.write_from not in WRITE_FROM:
+            raise ValueError(f"TelemetryConfig.write_from must be one of {WRITE_FROM}, "
+                             f"got {self.write_from!r}")
         if self.timing_every < 1:
             raise ValueError(f"TelemetryConfig.timing_every must be >= 1, got {self.timing_every}")
 
@@ -158,6 +168,7 @@ class TelemetryPublisher:
         self._last_slot: _Slot | None = None
         self._in_flight: deque[_Snapshot] = deque()
         self._lock = threading.Lock()  # the writer thread hands over too when no step() comes
+        self._write_lock = threading.Lock()  # with write_from="step", both threads may write
         self._queue: queue.Queue[_Snapshot | None] = queue.Queue()
         self._thread = threading.Thread(target=self._drain, name="balancerd-telemetry", daemon=True)
         self._thread.start()
@@ -170,7 +181,7 @@ class TelemetryPublisher:
         """Account one finished step; on a publish step, publish (``extra``: up to ``extra_words``
         non-negative int32 values to sum over the ranks) and return the host view of the reduced extra
         words (valid once :meth:`last_done` completes), else None."""
-        self._hand_over()
+        self._hand_over(from_step=True)
         self._tokens += tokens
         self.counters.set_timing((step + 1) % self.config.timing_every == 0)
         if not self.is_publish_step(step):
@@ -239,11 +250,32 @@ class TelemetryPublisher:
         if agreed > 0:
             self.interval = agreed
 
-    def _hand_over(self) -> None:
-        """Queue the snapshots whose copies have completed for the writer thread (never waits)."""
+    def _hand_over(self, from_step: bool = False) -> None:
+        """Pass on the snapshots whose copies have completed (never waits): to the writer thread, or
+        with write_from="step" and called from step(), write them here."""
         with self._lock:
+            done = []
             while self._in_flight and self._in_flight[0].slot.done.query():
-                self._queue.put(self._in_flight.popleft())
+                done.append(self._in_flight.popleft())
+        for snap in done:
+            if from_step and self.config.write_from == "step" and self._queue.empty():
+                self._write(snap)
+            else:
+                self._queue.put(snap)
+
+    def _write(self, snap: _Snapshot) -> None:
+        a = snap.slot.arrays
+        routed = a["routed"]
+        reduced = a["reduced"][:routed.size].reshape(routed.shape)
+        with self._write_lock:
+            self.writer.write(
+                first_step=snap.first_step, last_step=snap.last_step, tokens=snap.tokens,
+                placement_version=snap.placement_version, routed=routed,
+                global_routed=reduced if self.config.global_view else None, received=a["received"],
+                dispatch_us=snap.timings["dispatch"], combine_us=snap.timings["combine"],
+                expert_us=snap.timings["expert"], step_us=snap.step_us, dropped=a["dropped"],
+                bias_changed=a["bias_changed"],
+            )
 
     def _drain(self) -> None:
         while True:
@@ -254,17 +286,7 @@ class TelemetryPublisher:
                 continue
             if snap is None:
                 return
-            a = snap.slot.arrays
-            routed = a["routed"]
-            reduced = a["reduced"][:routed.size].reshape(routed.shape)
-            self.writer.write(
-                first_step=snap.first_step, last_step=snap.last_step, tokens=snap.tokens,
-                placement_version=snap.placement_version, routed=routed,
-                global_routed=reduced if self.config.global_view else None, received=a["received"],
-                dispatch_us=snap.timings["dispatch"], combine_us=snap.timings["combine"],
-                expert_us=snap.timings["expert"], step_us=snap.step_us, dropped=a["dropped"],
-                bias_changed=a["bias_changed"],
-            )
+            self._write(snap)
 
     def close(self) -> None:
         """Flush the records still in flight, stop the writer thread and close the ring (the file stays)."""

@@ -5,6 +5,7 @@ slow writer costing discarded records, never a wait.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from distributed import run_world
 
 from balancerd.protocol import TelemetryReader, ring_path
 from moe_runtime import Counters, ep_group
-from moe_runtime.telemetry import IDLE_HAND_OVER_S, TelemetryConfig, TelemetryPublisher
+from moe_runtime.telemetry import IDLE_HAND_OVER_S, WRITE_FROM, TelemetryConfig, TelemetryPublisher
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +36,10 @@ def _records(directory: str, world: int) -> list[list]:
     return out
 
 
-def _fixed_interval(rank: int, world: int, directory: str) -> list[int]:
+def _fixed_interval(rank: int, world: int, directory: str, write_from: str) -> list[int]:
     group = ep_group()
     counters = Counters(L, E, K)
-    config = TelemetryConfig(job="pub", interval_steps=4, directory=directory)
+    config = TelemetryConfig(job="pub", interval_steps=4, directory=directory, write_from=write_from)
     publisher = TelemetryPublisher(counters, group, config, extra_words=2)
     delivered = []
     pending = None
@@ -54,9 +55,10 @@ def _fixed_interval(rank: int, world: int, directory: str) -> list[int]:
     return delivered
 
 
-def test_fixed_interval_records_sums_and_words(tmp_path: Path) -> None:
+@pytest.mark.parametrize("write_from", WRITE_FROM)
+def test_fixed_interval_records_sums_and_words(tmp_path: Path, write_from: str) -> None:
     world = 2
-    delivered = run_world(_fixed_interval, world, str(tmp_path), timeout=60)
+    delivered = run_world(_fixed_interval, world, str(tmp_path), write_from, timeout=60)
     # words published at step 3 (rank 0: (1, 7), rank 1: (2, 7)) arrive summed on every rank
     assert delivered == [[[3, 14], [0, 0]]] * world
     records = _records(str(tmp_path), world)
@@ -126,24 +128,51 @@ def test_slow_writer_discards_instead_of_waiting(tmp_path: Path, monkeypatch: py
     assert all(int(r.routed.sum()) == 1 for r in records)
 
 
-def test_an_idle_engines_last_interval_still_reaches_the_ring(tmp_path: Path) -> None:
+@pytest.fixture
+def single_rank(tmp_path: Path):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        counters = Counters(L, E, K)
-        config = TelemetryConfig(job="pub", interval_steps=2, directory=str(tmp_path))
-        publisher = TelemetryPublisher(counters, ep_group(), config)
-        reader = TelemetryReader.open(ring_path(tmp_path, "pub", 0))
-        for step in range(2):
-            _count_step(counters, 0, step)
-            publisher.step(step, tokens=1, placement_version=0)
-        records: list = []  # no further step() comes: the writer thread hands the snapshot over itself
-        deadline = time.monotonic() + 5 * IDLE_HAND_OVER_S
-        while not records and time.monotonic() < deadline:
-            records += reader.poll()
-            time.sleep(0.05)
-        assert [(r.first_step, r.last_step) for r in records] == [(0, 1)]
-        publisher.close()
-    finally:
-        dist.destroy_process_group()
+    yield ep_group()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("write_from", WRITE_FROM)
+def test_an_idle_engines_last_interval_still_reaches_the_ring(tmp_path: Path, single_rank,
+                                                              write_from: str) -> None:
+    counters = Counters(L, E, K)
+    config = TelemetryConfig(job="pub", interval_steps=2, directory=str(tmp_path), write_from=write_from)
+    publisher = TelemetryPublisher(counters, single_rank, config)
+    reader = TelemetryReader.open(ring_path(tmp_path, "pub", 0))
+    for step in range(2):
+        _count_step(counters, 0, step)
+        publisher.step(step, tokens=1, placement_version=0)
+    records: list = []  # no further step() comes: the writer thread hands the snapshot over itself
+    deadline = time.monotonic() + 5 * IDLE_HAND_OVER_S
+    while not records and time.monotonic() < deadline:
+        records += reader.poll()
+        time.sleep(0.05)
+    assert [(r.first_step, r.last_step) for r in records] == [(0, 1)]
+    publisher.close()
+
+
+@pytest.mark.parametrize("write_from, writer", [("thread", "balancerd-telemetry"), ("step", "MainThread")])
+def test_records_are_written_where_configured(tmp_path: Path, single_rank, write_from: str,
+                                              writer: str) -> None:
+    config = TelemetryConfig(job="pub", interval_steps=2, directory=str(tmp_path), write_from=write_from)
+    publisher = TelemetryPublisher(Counters(L, E, K), single_rank, config)
+    written_by = []
+    write = publisher.writer.write
+
+    def traced(**record):
+        written_by.append(threading.current_thread().name)
+        return write(**record)
+
+    publisher.writer.write = traced
+    for step in range(7):  # publishes at steps 1, 3, 5; each handed over at the following step()
+        publisher.step(step, tokens=1, placement_version=0)
+    deadline = time.monotonic() + 5
+    while len(written_by) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert written_by == [writer] * 3
+    publisher.close()
