@@ -25,8 +25,10 @@ Reported per case: median step ms static vs rebalanced and the throughput ratio 
 migration step against the static median (flagged above 2x); bytes migrated; GPU max/min and max/mean
 load before and after, from the ranks' telemetry rings (the received counters); with --reference (on
 in --tiny), the max relative error against the dense reference at the first static step, every
-migration step and the step after the switch. Results: DIR/loop.{csv,json,md} and DIR/steps.csv, DIR
-defaulting to $OUT, else ./out; DIR/daemon.log when the daemon ran.
+migration step and the step after the switch; per phase (dispatch, expert, combine) the ms a step
+each rank spent before and after, from the same rings; with --profile-steps, torch.profiler tables and
+traces of static and rebalanced steps on every rank. Results: DIR/loop.{csv,json,md} and
+DIR/steps.csv, DIR defaulting to $OUT, else ./out; DIR/daemon.log when the daemon ran.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from runtime_gpu import (  # noqa: E402
     DTYPES,
+    Profiler,
     Results,
     default_out,
     init_distributed,
@@ -76,6 +79,7 @@ from moe_runtime.synthetic import device_weights, load_layers  # noqa: E402
 from moe_runtime.telemetry import TelemetryConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+PROFILE_SETTLE_STEPS = 4  # rebalanced steps before the profiled ones
 COLUMNS = ["world", "tokens", "layers", "slots_per_rank", "planner", "static_ms", "rebalanced_ms", "speedup",
            "speedup_ge_1.3", "migration_steps", "migration_max_ms", "migration_max_over_median",
            "steps_over_2x", "waiting_steps", "migrated_MB", "gpu_max_min_before", "gpu_max_min_after",
@@ -345,7 +349,19 @@ def serve(group: EPGroup, args: argparse.Namespace, stack: EPMoEStack, controlle
     cfg, placement, device = stack.layers[0].cfg, controller.placement, group.device
     static_end = args.warmup + args.static_steps
     trace, check_next, requested, step = Trace(), False, 0.0, 0
+    tokens = inputs[0].shape[0]
+    profiled = {when: Profiler(group, args.out / f"profile-t{tokens}-{when}")
+                for when in ("static", "rebalanced")} if args.profile_steps else {}
+    rebalanced_profile = None  # the steps [first, last) profiled after the switch
     while True:
+        if profiled and step == static_end - args.profile_steps:
+            profiled["static"].start()
+        if profiled and step == static_end:
+            profiled["static"].stop()
+        if profiled and rebalanced_profile and step == rebalanced_profile[0]:
+            profiled["rebalanced"].start()
+        if profiled and rebalanced_profile and step == rebalanced_profile[1]:
+            profiled["rebalanced"].stop()
         if step == static_end:
             requested = time.monotonic()
             if planner is not None:
@@ -376,6 +392,8 @@ def serve(group: EPGroup, args: argparse.Namespace, stack: EPMoEStack, controlle
             trace.phases.append("migration" if migrating or controller.migrating or switched else "waiting")
         if trace.applied_at is None and switched:
             trace.applied_at = step
+            settle = PROFILE_SETTLE_STEPS
+            rebalanced_profile = (step + 1 + settle, step + 1 + settle + args.profile_steps)
         step += 1
         if trace.applied_at is not None:
             if step > trace.applied_at + args.rebalanced_steps:
@@ -485,12 +503,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds after resuming before rank 0 asks the daemon for a plan itself")
     p.add_argument("--reference", action="store_true",
                    help="check against the dense reference (on in --tiny)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="profile this many static steps (the last ones) and rebalanced steps (after "
+                        f"{PROFILE_SETTLE_STEPS} more): DIR/profile-tTOKENS-static|rebalanced-rankR.txt "
+                        "and .json")
     p.add_argument("--seed", type=int, default=0, help="weights, skew and inputs")
     p.add_argument("--timeout", type=float, default=300, help="collective timeout, seconds")
     if p.parse_args(argv).tiny:  # --tiny changes the defaults; explicit options still win
         p.set_defaults(tokens="64", layers=4, dtype="fp32", reference=True, warmup=8, static_steps=32,
                        rebalanced_steps=32, interval=4)
     args = p.parse_args(argv)
+    if args.profile_steps and (args.profile_steps > args.static_steps
+                               or PROFILE_SETTLE_STEPS + args.profile_steps >= args.rebalanced_steps):
+        p.error(f"--profile-steps must fit in --static-steps and, after {PROFILE_SETTLE_STEPS} steps, "
+                "in --rebalanced-steps")
     args.tokens = [int(t) for t in args.tokens.split(",")]
     return args
 

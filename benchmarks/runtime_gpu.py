@@ -404,22 +404,40 @@ def _publish_positions(published: list[bool]) -> list[str]:
             for i, p in enumerate(published)]
 
 
-def profile(body: Callable[[], None], group: EPGroup, path: Path) -> None:
-    """torch.profiler over body(): every rank r writes PATH-rank{r}.txt (ops by self device time, then
-    by host time) and a Chrome trace PATH-rank{r}.json (a slow rank shows up as the others' waits)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+class Profiler:
+    """torch.profiler between start() and stop(): every rank r then writes PATH-rank{r}.txt (ops by self
+    device time, then by host time) and a Chrome trace PATH-rank{r}.json (a slow rank shows up as the
+    others' waits)."""
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if group.device.type == "cuda" else [])
-    with torch_profile(activities=activities) as prof:
+    def __init__(self, group: EPGroup, path: Path):
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if group.device.type == "cuda" else [])
+        self.group, self.path = group, path.with_name(f"{path.name}-rank{group.rank}")
+        self._prof = torch_profile(activities=activities)
+
+    def start(self) -> None:
+        self._prof.start()
+
+    def stop(self) -> None:
+        self._prof.stop()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        averages = self._prof.key_averages()
+        device_key = "self_cuda_time_total" if self.group.device.type == "cuda" else "self_cpu_time_total"
+        tables = [averages.table(sort_by=key, row_limit=30) for key in (device_key, "self_cpu_time_total")]
+        self.path.with_suffix(".txt").write_text("\n".join(tables))
+        self._prof.export_chrome_trace(str(self.path.with_suffix(".json")))
+
+
+def profile(body: Callable[[], None], group: EPGroup, path: Path) -> None:
+    """`Profiler` around body()."""
+    profiler = Profiler(group, path)
+    profiler.start()
+    try:
         body()
-    path = path.with_name(f"{path.name}-rank{group.rank}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    averages = prof.key_averages()
-    device_key = "self_cuda_time_total" if group.device.type == "cuda" else "self_cpu_time_total"
-    path.with_suffix(".txt").write_text(averages.table(sort_by=device_key, row_limit=30) + "\n"
-                                        + averages.table(sort_by="self_cpu_time_total", row_limit=30))
-    prof.export_chrome_trace(str(path.with_suffix(".json")))
+    finally:
+        profiler.stop()
 
 
 COLUMNS = {
