@@ -52,6 +52,17 @@ def grouped_mm_available(x: torch.Tensor, hidden: int, inter: int) -> bool:
     return not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation silu(gate) * up of h = [gate | up] [R, 2I]: one Triton pass on CUDA (for the
+    large batches of the grouped_mm backend; eager small batches keep torch's cheaper launches)."""
+    if h.is_cuda:
+        from kernels.expert_ffn_triton import silu_mul_triton
+
+        return silu_mul_triton(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def grouped_swiglu_grouped_mm(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor,
                               w_down: torch.Tensor, assignments: int | None = None) -> torch.Tensor:
     """ys with two torch._grouped_mm calls on the slot-major copy of x (`assignments` rows when given)."""
@@ -60,8 +71,7 @@ def grouped_swiglu_grouped_mm(x: torch.Tensor, groups: SlotGroups, w_gate_up: to
         return xs
     ends = groups.offsets[1:]
     h = torch._grouped_mm(xs, w_gate_up.transpose(1, 2), offs=ends)
-    gate, up = h.chunk(2, dim=-1)
-    return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=ends)
+    return torch._grouped_mm(silu_mul(h), w_down.transpose(1, 2), offs=ends)
 
 
 def select_backend(x: torch.Tensor, slots: int, inter: int, assignments: int, host_sizes: bool) -> str:

@@ -3,6 +3,7 @@
 One kernel, launched twice. First launch: h = silu(x W_gate^T) * (x W_up^T), gathering each
 assignment's row of the received buffer inside the GEMM (no permuted copy of x) and keeping both
 accumulators of a tile in registers. Second launch: ys = h W_down^T on the slot-major h.
+`silu_mul_triton` is SwiGLU's activation alone, for the torch._grouped_mm backend.
 
 Work is cut into BLOCK_M-row tiles that never cross a slot boundary. A tile table built on the
 device (`tile_table`) names each tile's slot and first row; it is sized for a host-known bound on
@@ -148,3 +149,33 @@ def grouped_swiglu_triton(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.
     _launch(x, groups.rows, w_gate_up.contiguous(), h, table, groups.offsets, inter2 // 2, True, gate_up)
     _launch(h, None, w_down.contiguous(), ys, table, groups.offsets, hidden, False, down)
     return ys
+
+
+@triton.jit
+def _silu_mul_kernel(h_ptr, stride_h, out_ptr, stride_out, rows, inter,
+                     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    ok = (r < rows)[:, None] & (c < inter)[None, :]
+    row = h_ptr + r.to(tl.int64)[:, None] * stride_h + c[None, :]
+    gate = tl.load(row, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(row + inter, mask=ok, other=0.0).to(tl.float32)
+    out = out_ptr + r.to(tl.int64)[:, None] * stride_out + c[None, :]
+    tl.store(out, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def silu_mul_triton(h: torch.Tensor) -> torch.Tensor:
+    """[R, I]: silu(h[:, :I]) * h[:, I:] for h [R, 2I], computed in float32 and rounded once. One pass
+    over h instead of torch's two (silu, then the product) on strided halves."""
+    rows, inter = h.shape[0], h.shape[1] // 2
+    out = torch.empty((rows, inter), dtype=h.dtype, device=h.device)
+    if rows == 0:
+        return out
+    if h.stride(1) != 1:
+        h = h.contiguous()
+    block_i = min(1024, triton.next_power_of_2(inter))
+    block_r = max(1, 2048 // block_i)
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(inter, block_i))
+    _silu_mul_kernel[grid](h, h.stride(0), out, out.stride(0), rows, inter, BLOCK_R=block_r, BLOCK_I=block_i,
+                           num_warps=4)
+    return out

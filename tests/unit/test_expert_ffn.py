@@ -26,6 +26,7 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2
 def interpreted():
     """Run a function of this module in the interpreter worker (triton_worker)."""
     with interpreter_worker(("kernels.expert_ffn_triton", "_grouped_gemm_kernel"),
+                            ("kernels.expert_ffn_triton", "_silu_mul_kernel"),
                             ("kernels.permute_triton", "_unpermute_kernel")) as call:
         yield call
 
@@ -39,6 +40,12 @@ def _triton_ys(x, groups, w_gate_up, w_down, assignments, configs):
 
 def _run_experts(*args, **kwargs):
     return run_experts(*args, **kwargs)
+
+
+def _silu_mul(h):
+    from kernels.expert_ffn_triton import silu_mul_triton
+
+    return silu_mul_triton(h)
 
 
 def _run_experts_counting(*args, **kwargs):
@@ -184,6 +191,22 @@ def test_select_backend_env_override(monkeypatch) -> None:
         select_backend(fake_cuda(torch.bfloat16), 8, 2048, 8, False)
 
 
+@pytest.mark.parametrize("rows, inter, dtype", [(1, 16, torch.float32), (3, 48, torch.bfloat16),
+                                               (130, 1536, torch.bfloat16), (5, 1536, torch.float32)])
+def test_silu_mul_kernel_matches_torch(interpreted, rows: int, inter: int, dtype: torch.dtype) -> None:
+    """The fused activation against silu(gate) * up, on a strided h (a view of a wider buffer)."""
+    seed = int(torch.randint(0, 2**31, ()))
+    print(f"seed {seed}")
+    h = (3 * torch.randn(rows, 2 * inter + 24, generator=torch.Generator().manual_seed(seed))).to(dtype)
+    h = h[:, :2 * inter]
+    got = interpreted(_silu_mul, h)
+    gate, up = h.float().chunk(2, dim=-1)
+    want = (torch.nn.functional.silu(gate) * up).to(dtype)
+    assert got.shape == (rows, inter) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+    assert torch.equal(expert_ffn.silu_mul(h), torch.nn.functional.silu(h[:, :inter]) * h[:, inter:])
+
+
 # ---------------------------------------------------------------- compiled for the H200 (no GPU needed)
 
 
@@ -209,3 +232,13 @@ def test_default_gemm_configs_compile_for_h200_without_spills(dtype: torch.dtype
                                       config.num_stages)
         if ty == "bf16" and config.block_m >= 64:
             assert "warp_group_dot" in kernel.asm["ttgir"], "expected wgmma on sm_90a"
+
+
+@pytest.mark.skipif(not sm90.AVAILABLE, reason="triton without its CUDA backend")
+def test_silu_mul_compiles_for_h200_without_spills() -> None:
+    from kernels.expert_ffn_triton import _silu_mul_kernel
+
+    signature = {"h_ptr": "*bf16", "out_ptr": "*bf16", "stride_h": "i32", "stride_out": "i32", "rows": "i32",
+                 "inter": "i32"}
+    aligned = ["h_ptr", "out_ptr", "stride_h", "stride_out", "inter"]
+    sm90.compile_sm90(_silu_mul_kernel, signature, dict(BLOCK_R=2, BLOCK_I=1024), aligned, num_warps=4)
