@@ -68,6 +68,7 @@ from runtime_gpu import (  # noqa: E402
 )
 
 from balancerd.api import ApiClient, DaemonUnavailable  # noqa: E402
+from balancerd.config import PlannerConfig  # noqa: E402
 from balancerd.placement import Topology, balancedness, imbalance_ratio  # noqa: E402
 from balancerd.planner import plan  # noqa: E402
 from balancerd.protocol import ControlPlan, ControlWriter, PlanResult, TelemetryReader, ring_path  # noqa: E402
@@ -102,7 +103,8 @@ class DaemonPlanner:
         self.socket, self.force_after = runtime / "balancerd.sock", args.force_after
         self.log_path = work / "daemon.log"
         config = work / "balancerd.toml"
-        config.write_text(_daemon_config(runtime, work / "state", expert_bytes, args.threshold))
+        config.write_text(_daemon_config(runtime, work / "state", expert_bytes, args.threshold,
+                                         args.planner_tolerance))
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path}
         command = [sys.executable, "-m", "balancerd.cli", "run", "--config", str(config)]
@@ -181,7 +183,7 @@ class DaemonPlanner:
                 self.proc.wait()
 
 
-def _daemon_config(runtime: Path, state: Path, expert_bytes: int, threshold: float) -> str:
+def _daemon_config(runtime: Path, state: Path, expert_bytes: int, threshold: float, tolerance: float) -> str:
     with socket.socket() as s:  # the daemon's Prometheus endpoint must not collide with anything
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -199,6 +201,9 @@ cooldown_s = 3600.0
 
 [window]
 intervals = 4
+
+[planner]
+tolerance = {tolerance}
 
 [policy]
 kind = "placement"
@@ -218,8 +223,8 @@ class InProcessPlanner:
 
     name = "in-process"
 
-    def __init__(self, runtime: Path, why: str):
-        self.runtime, self.why = runtime, why
+    def __init__(self, runtime: Path, why: str, tolerance: float):
+        self.runtime, self.why, self.tolerance = runtime, why, tolerance
 
     def begin(self, job: str, controller: PlanController, first_step: int) -> None:
         pl = controller.placement
@@ -244,7 +249,8 @@ class InProcessPlanner:
             if not self.records:
                 return
             loads = sum(r.global_routed.astype(np.float64) for r in self.records)
-            result = plan(loads, Topology(gpus=pl.world, slots=pl.slots), current=pl.host)
+            result = plan(loads, Topology(gpus=pl.world, slots=pl.slots), current=pl.host,
+                          tolerance=self.tolerance)
             self.writer.publish(ControlPlan(version=1, generation=self.controller.generation,
                                             phys_to_log=result.phys_to_log))
             self.summary = {"plan_moves": int(result.moves.sum()),
@@ -270,14 +276,14 @@ def _report_once(message: str, last: str) -> str:
 
 def start_planner(kind: str, runtime: Path, work: Path, expert_bytes: int, args: argparse.Namespace):
     if kind == "inprocess":
-        return InProcessPlanner(runtime, "--planner inprocess")
+        return InProcessPlanner(runtime, "--planner inprocess", args.planner_tolerance)
     try:
         return DaemonPlanner(runtime, work, expert_bytes, args)
     except (OSError, RuntimeError) as exc:
         if kind == "daemon":
             raise
         print(f"falling back to the in-process planner: {exc}", file=sys.stderr, flush=True)
-        return InProcessPlanner(runtime, f"daemon did not start: {exc}"[:200])
+        return InProcessPlanner(runtime, f"daemon did not start: {exc}"[:200], args.planner_tolerance)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -499,6 +505,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--planner", choices=("auto", "daemon", "inprocess"), default="auto",
                    help="auto: the daemon, or the in-process planner when the daemon does not start")
     p.add_argument("--threshold", type=float, default=1.2, help="daemon detect.threshold (GPU max/min)")
+    p.add_argument("--planner-tolerance", type=float, default=PlannerConfig.tolerance,
+                   help="planner.tolerance: leave a layer whose peak is within this of the best achievable "
+                        "(smaller: better balance, more moves)")
     p.add_argument("--force-after", type=float, default=5.0,
                    help="seconds after resuming before rank 0 asks the daemon for a plan itself")
     p.add_argument("--reference", action="store_true",
