@@ -1,6 +1,6 @@
 """Telemetry ring cost for the DeepSeek-V3 shape: write per record (inference side), read rate (daemon).
 
-Run pinned to one core, as in docs/_protocol_results.md:
+Run pinned to one core, as in docs/benchmarks.md ("Shared-memory protocol"):
 
     taskset -c 0 env OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/protocol.py
 
