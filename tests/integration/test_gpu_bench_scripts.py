@@ -1,0 +1,47 @@
+"""The GPU benchmark scripts on CPU (`--device cpu --tiny`, two gloo ranks under torchrun): they run to
+the end and write the rows and files that docs/benchmarks.md quotes, so a GPU session never spends its
+minutes on a script that broke in between. CPU timings mean nothing and are not checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def torchrun(script: str, out: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           f"benchmarks/{script}", "--device", "cpu", "--tiny", "--out", str(out), *args]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+def test_loop_gpu_applies_a_plan_and_reports_phases_and_profiles(tmp_path: Path) -> None:
+    torchrun("loop_gpu.py", tmp_path, "--profile-steps", "2", "--planner-tolerance", "0.01")
+    (row,) = json.loads((tmp_path / "loop.json").read_text())
+    assert not row["error"], row
+    assert row["plan_state"] == "applied" and row["max_rel_err"] < 1e-4
+    assert row["balancedness_after"] < row["balancedness_before"]
+    for phase in ("dispatch", "expert", "combine"):
+        for when in ("before", "after"):
+            assert 0 < row[f"{phase}_ms_min_{when}"] <= row[f"{phase}_ms_max_{when}"]
+    for when in ("static", "rebalanced"):
+        for rank in (0, 1):
+            assert (tmp_path / f"profile-t64-{when}-rank{rank}.txt").stat().st_size > 0
+    assert (tmp_path / "steps.csv").exists()
+
+
+def test_runtime_gpu_overhead_ablation_and_write_from(tmp_path: Path) -> None:
+    torchrun("runtime_gpu.py", tmp_path, "--sections", "overhead", "--models", "qwen3-235b-a22b",
+             "--tokens", "16", "--on-parts", "counters", "--write-from", "step", "--segment-steps", "16")
+    (row,) = json.loads((tmp_path / "overhead.json").read_text())
+    assert not row["error"], row
+    assert row["model"] == "qwen3-235b-a22b" and row["publishes"] == 0  # no controller: nothing published
+    assert row["steps_per_mode"] == 4 * 16
