@@ -44,11 +44,10 @@ from moe_runtime.group import EPGroup
 
 INTERVAL_WORD = 0  # the spare word carrying rank 0's proposed publish interval; the caller's words follow
 IDLE_HAND_OVER_S = 1.0  # with no step() for this long, the writer thread hands completed snapshots over
-# Where records are written. "thread": the background thread, off the engine's thread; right where the
-# host waits on the GPU (CUDA graphs, large batches). "step": inside the next step() once the copies
-# are done (~20-60 us, one step in an interval): for launch-bound eager loops, where a second Python
-# thread costs the engine's thread far more than the write in GIL hand-offs (0.3-0.8 ms a publish,
-# measured). The thread still writes what an idle engine leaves behind.
+# Where records are written. "thread" (default): the background thread, which runs while the engine's
+# thread waits on the GPU. "step": inside the next step() once the copies are done (~20-60 us, once an
+# interval), with no second Python thread wanting the GIL while a launch-bound eager loop issues ops.
+# Either way the thread writes what an idle engine leaves behind.
 WRITE_FROM = ("thread", "step")
 
 
@@ -100,7 +99,7 @@ class _Done:
 class _Slot:
     """Pinned host buffers of one publish, reused in rotation, with numpy views of them: the writer
     thread makes no torch calls, each of which would hand the GIL back and forth with a launching
-    main thread (in eager serving that cost the step after a publish 0.3-0.8 ms)."""
+    main thread."""
 
     host: CounterSnapshot
     reduced: torch.Tensor          # routed summed over ranks, then the spare words
