@@ -113,17 +113,17 @@ class Counters:
             return
         start, end = self._free_events.pop() if self._free_events else (
             torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        start.record(self._current_stream())
+        start.record(self.current_stream())
         yield
-        end.record(self._current_stream())
+        end.record(self.current_stream())
         self._pending.append((phase, layer, start, end))
         if len(self._pending) > MAX_PENDING_TIMERS:  # only without set_timing calls (every step timed)
             self._collect()
 
-    def _current_stream(self) -> torch.cuda.Stream:
-        """The current CUDA stream, as a Stream built only when the current stream changed: building one
-        (what `Event.record()` does without a stream) cost 20-30 us of host time a record on the H200
-        machines, most of a timed eager step's overhead."""
+    def current_stream(self) -> torch.cuda.Stream:
+        """The current CUDA stream of the counters' device, as a Stream built only when the current
+        stream changed: building one (what `Event.record()` does without a stream) cost 20-30 us of
+        host time a record on the H200 machines, most of a timed eager step's overhead."""
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         key = torch._C._cuda_getCurrentStream(index)
         if key != self._stream_key:

@@ -159,7 +159,9 @@ class TelemetryPublisher:
         self._last_publish_time = time.perf_counter()
         cuda = counters.device.type == "cuda"
         # With at most max_pending in flight or queued and one being written, the next slot is free.
-        words = counters.routed_and_spare().numel()
+        self._words = counters.routed_and_spare()  # views made once: each slice is an op on the host path
+        self._spare = self._words[counters.routed.numel():]
+        words = self._words.numel()
         self._slots = [_Slot(counters.host_buffers(), torch.zeros(words, dtype=torch.int32, pin_memory=cuda),
                              torch.cuda.Event() if cuda else _Done())
                        for _ in range(config.max_pending + 2)]
@@ -194,7 +196,7 @@ class TelemetryPublisher:
         step_us = (now - self._last_publish_time) * 1e6 / steps
         self._last_publish_time = now
 
-        spare = c.routed_and_spare()[c.routed.numel():]  # zeroed by the last reset
+        spare = self._spare  # zeroed by the last reset
         proposal = self._proposed_interval(step_us)
         if proposal:
             spare[INTERVAL_WORD].fill_(proposal)
@@ -208,13 +210,13 @@ class TelemetryPublisher:
             c.snapshot_into(slot.host)
         if self.group.world > 1:
             if self.config.global_view:
-                dist.all_reduce(c.routed_and_spare(), group=self.group.group)
+                dist.all_reduce(self._words, group=self.group.group)
             else:  # the spare words (interval, plan announcements) must reach every rank
                 dist.all_reduce(spare, group=self.group.group)
-        slot.reduced.copy_(c.routed_and_spare(), non_blocking=True)
+        slot.reduced.copy_(self._words, non_blocking=True)
         c.reset()
         if isinstance(slot.done, torch.cuda.Event):
-            slot.done.record()
+            slot.done.record(c.current_stream())
         timings = c.drain_timings(mean=True)
         if full:
             self.discarded += 1

@@ -48,9 +48,9 @@ def test_cuda_timers_build_a_stream_object_only_when_the_current_stream_changes(
     monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
     c = Counters(1, 2, 2)
     c.device = torch.device("cuda", 0)
-    assert c._current_stream() == ("stream", (11, 0, 1))
-    assert c._current_stream() == ("stream", (11, 0, 1))
+    assert c.current_stream() == ("stream", (11, 0, 1))
+    assert c.current_stream() == ("stream", (11, 0, 1))
     assert built == [(11, 0, 1)]
     current[0] = (12, 0, 1)  # the engine switched streams
-    assert c._current_stream() == ("stream", (12, 0, 1))
+    assert c.current_stream() == ("stream", (12, 0, 1))
     assert built == [(11, 0, 1), (12, 0, 1)]
