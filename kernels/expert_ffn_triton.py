@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.permute import SlotGroups
+from kernels.permute import SlotGroups, use_triton
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,9 @@ def default_configs(rows_per_slot: int, dtype: torch.dtype) -> tuple[GemmConfig,
     return gate_up, GemmConfig(block_m, 128, 64, num_warps=warps, num_stages=stages)
 
 
-def tile_table(offsets: torch.Tensor, block_m: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For `tiles` tiles: the slot of each (K past the end) and its first row, int32, on the device."""
+def tile_table_reference(offsets: torch.Tensor, block_m: int,
+                         tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of `tile_table` (its rows past the end are unspecified)."""
     offsets = offsets.long()
     per_slot = (offsets[1:] - offsets[:-1] + block_m - 1) // block_m
     end = per_slot.cumsum(0)
@@ -57,6 +58,42 @@ def tile_table(offsets: torch.Tensor, block_m: int, tiles: int) -> tuple[torch.T
     s = slot.clamp(max=per_slot.shape[0] - 1)
     row = offsets[s] + (tile - end[s] + per_slot[s]) * block_m
     return slot.to(torch.int32), row.to(torch.int32)
+
+
+@triton.jit
+def _tile_table_kernel(offsets_ptr, slot_ptr, row_ptr, slots, tiles, block_m,
+                       SP: tl.constexpr, BLOCK: tl.constexpr):
+    j = tl.arange(0, SP)
+    lo = tl.load(offsets_ptr + j, mask=j < slots, other=0)
+    hi = tl.load(offsets_ptr + j + 1, mask=j < slots, other=0)
+    per = (hi - lo + block_m - 1) // block_m  # tiles of slot j; 0 for the padding
+    end = tl.cumsum(per, axis=0)
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # a tile's slot: how many slots end at or before it (empty slots included), at most `slots`
+    s = tl.minimum(tl.sum((end[None, :] <= t[:, None]).to(tl.int32), axis=1), slots)
+    mine = j[None, :] == s[:, None]
+    first_row = tl.sum(tl.where(mine, lo[None, :], 0), axis=1)
+    first_tile = tl.sum(tl.where(mine, (end - per)[None, :], 0), axis=1)
+    row = tl.where(s < slots, first_row + (t - first_tile) * block_m, 0)
+    ok = t < tiles
+    tl.store(slot_ptr + t, s, mask=ok)
+    tl.store(row_ptr + t, row, mask=ok)
+
+
+def tile_table(offsets: torch.Tensor, block_m: int, tiles: int,
+               force_triton: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """For `tiles` tiles: the slot of each (K past the end) and its first row (0 past the end), int32,
+    on the device: one launch on CUDA instead of the reference's ~17 small kernels."""
+    if not use_triton(offsets, force_triton):
+        return tile_table_reference(offsets, block_m, tiles)
+    slots = offsets.shape[0] - 1
+    slot = torch.empty(tiles, dtype=torch.int32, device=offsets.device)
+    row = torch.empty(tiles, dtype=torch.int32, device=offsets.device)
+    if tiles:
+        block, padded = 16, triton.next_power_of_2(max(slots, 1))
+        _tile_table_kernel[(triton.cdiv(tiles, block),)](offsets, slot, row, slots, tiles, block_m,
+                                                         SP=padded, BLOCK=block)
+    return slot, row
 
 
 @triton.jit
@@ -144,7 +181,8 @@ def grouped_swiglu_triton(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.
     gate_up, down = configs or default_configs(triton.cdiv(total, slots), x.dtype)
     if gate_up.block_m != down.block_m:
         raise ValueError("both launches share one tile table: block_m must match")
-    table = tile_table(groups.offsets, gate_up.block_m, triton.cdiv(total, gate_up.block_m) + slots)
+    table = tile_table(groups.offsets, gate_up.block_m, triton.cdiv(total, gate_up.block_m) + slots,
+                       force_triton=not x.is_cuda)  # CPU tensors come here only under the interpreter
     h = torch.empty((total, inter2 // 2), dtype=x.dtype, device=x.device)
     _launch(x, groups.rows, w_gate_up.contiguous(), h, table, groups.offsets, inter2 // 2, True, gate_up)
     _launch(h, None, w_down.contiguous(), ys, table, groups.offsets, hidden, False, down)

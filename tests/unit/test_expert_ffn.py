@@ -27,6 +27,7 @@ def interpreted():
     """Run a function of this module in the interpreter worker (triton_worker)."""
     with interpreter_worker(("kernels.expert_ffn_triton", "_grouped_gemm_kernel"),
                             ("kernels.expert_ffn_triton", "_silu_mul_kernel"),
+                            ("kernels.expert_ffn_triton", "_tile_table_kernel"),
                             ("kernels.permute_triton", "_unpermute_kernel")) as call:
         yield call
 
@@ -147,15 +148,41 @@ def test_grouped_swiglu_refuses_the_loop_backend(gen) -> None:
         grouped_swiglu(p["x"], group_by_slot(p["slots"], 2), p["w_gate_up"], p["w_down"], "loop")
 
 
-def test_tile_table_names_each_tiles_slot_and_first_row() -> None:
+def _tile_table(offsets, block_m, tiles):
+    from kernels.expert_ffn_triton import tile_table
+
+    return tile_table(offsets, block_m, tiles, force_triton=True)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_tile_table_names_each_tiles_slot_and_first_row(interpreted, kernel: bool) -> None:
     from kernels.expert_ffn_triton import tile_table
 
     counts = [5, 0, 16, 1]
     offsets = torch.tensor([0, 5, 5, 21, 22], dtype=torch.int32)
-    slot, row = tile_table(offsets, 8, 9)
+    slot, row = interpreted(_tile_table, offsets, 8, 9) if kernel else tile_table(offsets, 8, 9)
     want = [(s, sum(counts[:s]) + 8 * i) for s, n in enumerate(counts) for i in range(-(-n // 8))]
     assert list(zip(slot.tolist()[:len(want)], row.tolist()[:len(want)], strict=True)) == want
     assert slot.tolist()[len(want):] == [len(counts)] * (9 - len(want))
+
+
+@pytest.mark.parametrize("slots, block_m, extra", [(1, 16, 0), (7, 16, 3), (40, 64, 40), (130, 16, 5)])
+def test_tile_table_kernel_matches_the_reference(interpreted, slots: int, block_m: int, extra: int) -> None:
+    """Random segment sizes with empty slots, more tiles than needed (the runtime sizes the table for a
+    host bound): the same slot for every tile and the same first row for every tile in use."""
+    from kernels.expert_ffn_triton import tile_table_reference
+
+    seed = int(torch.randint(0, 2**31, ()))
+    print(f"seed {seed}")
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, 3 * block_m, (slots,), generator=gen) * (torch.rand(slots, generator=gen) > 0.3)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int32), sizes.cumsum(0).to(torch.int32)])
+    tiles = int((-(-sizes // block_m)).sum()) + extra
+    got_slot, got_row = interpreted(_tile_table, offsets, block_m, tiles)
+    want_slot, want_row = tile_table_reference(offsets, block_m, tiles)
+    assert torch.equal(got_slot, want_slot)
+    used = want_slot < slots
+    assert torch.equal(got_row[used], want_row[used]) and (got_row[~used] == 0).all()
 
 
 def fake_cuda(dtype: torch.dtype) -> SimpleNamespace:
@@ -242,3 +269,14 @@ def test_silu_mul_compiles_for_h200_without_spills() -> None:
                  "inter": "i32"}
     aligned = ["h_ptr", "out_ptr", "stride_h", "stride_out", "inter"]
     sm90.compile_sm90(_silu_mul_kernel, signature, dict(BLOCK_R=2, BLOCK_I=1024), aligned, num_warps=4)
+
+
+@pytest.mark.parametrize("padded_slots", [64, 512])
+@pytest.mark.skipif(not sm90.AVAILABLE, reason="triton without its CUDA backend")
+def test_tile_table_compiles_for_h200_without_spills(padded_slots: int) -> None:
+    from kernels.expert_ffn_triton import _tile_table_kernel
+
+    signature = {"offsets_ptr": "*i32", "slot_ptr": "*i32", "row_ptr": "*i32", "slots": "i32", "tiles": "i32",
+                 "block_m": "i32"}
+    sm90.compile_sm90(_tile_table_kernel, signature, dict(SP=padded_slots, BLOCK=16),
+                      ["offsets_ptr", "slot_ptr", "row_ptr"], num_warps=4)
