@@ -52,13 +52,14 @@ def grouped_mm_available(x: torch.Tensor, hidden: int, inter: int) -> bool:
     return not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
-def silu_mul(h: torch.Tensor) -> torch.Tensor:
+def silu_mul(h: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
     """SwiGLU's activation silu(gate) * up of h = [gate | up] [R, 2I]: one Triton pass on CUDA (for the
-    large batches of the grouped_mm backend; eager small batches keep torch's cheaper launches)."""
+    large batches of the grouped_mm backend; eager small batches keep torch's cheaper launches), which
+    skips the rows from `used` (a 1-element device tensor: capacity mode's unused tail) on."""
     if h.is_cuda:
         from kernels.expert_ffn_triton import silu_mul_triton
 
-        return silu_mul_triton(h)
+        return silu_mul_triton(h, used)
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -71,7 +72,7 @@ def grouped_swiglu_grouped_mm(x: torch.Tensor, groups: SlotGroups, w_gate_up: to
         return xs
     ends = groups.offsets[1:]
     h = torch._grouped_mm(xs, w_gate_up.transpose(1, 2), offs=ends)
-    return torch._grouped_mm(silu_mul(h), w_down.transpose(1, 2), offs=ends)
+    return torch._grouped_mm(silu_mul(h, used=ends[-1:]), w_down.transpose(1, 2), offs=ends)
 
 
 def select_backend(x: torch.Tensor, slots: int, inter: int, assignments: int, host_sizes: bool) -> str:

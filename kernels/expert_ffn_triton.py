@@ -190,21 +190,26 @@ def grouped_swiglu_triton(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.
 
 
 @triton.jit
-def _silu_mul_kernel(h_ptr, stride_h, out_ptr, stride_out, rows, inter,
-                     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    ok = (r < rows)[:, None] & (c < inter)[None, :]
-    row = h_ptr + r.to(tl.int64)[:, None] * stride_h + c[None, :]
-    gate = tl.load(row, mask=ok, other=0.0).to(tl.float32)
-    up = tl.load(row + inter, mask=ok, other=0.0).to(tl.float32)
-    out = out_ptr + r.to(tl.int64)[:, None] * stride_out + c[None, :]
-    tl.store(out, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=ok)
+def _silu_mul_kernel(h_ptr, stride_h, out_ptr, stride_out, rows, used_ptr, inter,
+                     HAS_USED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    if HAS_USED:
+        rows = tl.minimum(rows, tl.load(used_ptr))
+    first = tl.program_id(0) * BLOCK_R
+    if first < rows:  # programs past the rows in use exit at once
+        r = first + tl.arange(0, BLOCK_R)
+        c = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        ok = (r < rows)[:, None] & (c < inter)[None, :]
+        row = h_ptr + r.to(tl.int64)[:, None] * stride_h + c[None, :]
+        gate = tl.load(row, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(row + inter, mask=ok, other=0.0).to(tl.float32)
+        out = out_ptr + r.to(tl.int64)[:, None] * stride_out + c[None, :]
+        tl.store(out, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def silu_mul_triton(h: torch.Tensor) -> torch.Tensor:
+def silu_mul_triton(h: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
     """[R, I]: silu(h[:, :I]) * h[:, I:] for h [R, 2I], computed in float32 and rounded once. One pass
-    over h instead of torch's two (silu, then the product) on strided halves."""
+    over h instead of torch's two (silu, then the product) on strided halves. `used` (a 1-element int32
+    device tensor) bounds the rows computed, with no host sync; the rows past it are left unwritten."""
     rows, inter = h.shape[0], h.shape[1] // 2
     out = torch.empty((rows, inter), dtype=h.dtype, device=h.device)
     if rows == 0:
@@ -214,6 +219,6 @@ def silu_mul_triton(h: torch.Tensor) -> torch.Tensor:
     block_i = min(1024, triton.next_power_of_2(inter))
     block_r = max(1, 2048 // block_i)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(inter, block_i))
-    _silu_mul_kernel[grid](h, h.stride(0), out, out.stride(0), rows, inter, BLOCK_R=block_r, BLOCK_I=block_i,
-                           num_warps=4)
+    _silu_mul_kernel[grid](h, h.stride(0), out, out.stride(0), rows, out if used is None else used, inter,
+                           HAS_USED=used is not None, BLOCK_R=block_r, BLOCK_I=block_i, num_warps=4)
     return out

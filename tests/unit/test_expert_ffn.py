@@ -43,10 +43,10 @@ def _run_experts(*args, **kwargs):
     return run_experts(*args, **kwargs)
 
 
-def _silu_mul(h):
+def _silu_mul(h, used=None):
     from kernels.expert_ffn_triton import silu_mul_triton
 
-    return silu_mul_triton(h)
+    return silu_mul_triton(h, used)
 
 
 def _run_experts_counting(*args, **kwargs):
@@ -234,6 +234,16 @@ def test_silu_mul_kernel_matches_torch(interpreted, rows: int, inter: int, dtype
     assert torch.equal(expert_ffn.silu_mul(h), torch.nn.functional.silu(h[:, :inter]) * h[:, inter:])
 
 
+def test_silu_mul_kernel_leaves_the_rows_past_used_unwritten(interpreted) -> None:
+    """Capacity mode sizes h for the worst case: the rows past the assignments in use (a device count,
+    no sync) are not computed, which the poisoned output shows."""
+    h = torch.randn(37, 2 * 48)
+    got = interpreted(_silu_mul, h, torch.tensor([21], dtype=torch.int32))
+    gate, up = h.chunk(2, dim=-1)
+    torch.testing.assert_close(got[:21], torch.nn.functional.silu(gate[:21]) * up[:21], **TOL[torch.float32])
+    assert got[21:].isnan().all()
+
+
 # ---------------------------------------------------------------- compiled for the H200 (no GPU needed)
 
 
@@ -266,9 +276,11 @@ def test_silu_mul_compiles_for_h200_without_spills() -> None:
     from kernels.expert_ffn_triton import _silu_mul_kernel
 
     signature = {"h_ptr": "*bf16", "out_ptr": "*bf16", "stride_h": "i32", "stride_out": "i32", "rows": "i32",
-                 "inter": "i32"}
-    aligned = ["h_ptr", "out_ptr", "stride_h", "stride_out", "inter"]
-    sm90.compile_sm90(_silu_mul_kernel, signature, dict(BLOCK_R=2, BLOCK_I=1024), aligned, num_warps=4)
+                 "used_ptr": "*i32", "inter": "i32"}
+    aligned = ["h_ptr", "out_ptr", "used_ptr", "stride_h", "stride_out", "inter"]
+    for has_used in (False, True):
+        constexprs = dict(HAS_USED=has_used, BLOCK_R=2, BLOCK_I=1024)
+        sm90.compile_sm90(_silu_mul_kernel, signature, constexprs, aligned, num_warps=4)
 
 
 @pytest.mark.parametrize("padded_slots", [64, 512])
