@@ -47,12 +47,9 @@ def choose_replicas(ids: torch.Tensor, log_to_phys: torch.Tensor, replicas: torc
     """
     flat = ids.reshape(-1)
     n = flat.numel()
-    order = torch.sort(flat, stable=True).indices
-    per_expert = torch.zeros(replicas.numel(), dtype=torch.int64, device=ids.device)
-    per_expert.index_add_(0, flat, torch.ones_like(flat))
-    starts = torch.cumsum(per_expert, 0) - per_expert
-    nth = torch.empty_like(flat)
-    nth[order] = torch.arange(n, device=ids.device) - starts[flat[order]]
+    ranked, order = torch.sort(flat, stable=True)
+    nth = torch.empty_like(flat)  # an assignment's rank among its expert's: position - its run's start
+    nth[order] = torch.arange(n, device=ids.device) - torch.searchsorted(ranked, ranked)
     choice = (nth + offset) % replicas[flat]
     return log_to_phys[flat, choice].long().view(ids.shape)
 
