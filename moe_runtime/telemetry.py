@@ -106,7 +106,7 @@ class _Slot:
     done: object                   # a CUDA event recorded after the copies, or _Done
     arrays: dict[str, np.ndarray] = field(init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # at construction; host tensors, so no sync
         h = self.host
         self.arrays = {"routed": h.routed.numpy(), "received": h.received.numpy(),
                        "dropped": h.dropped.numpy(), "bias_changed": h.bias_changed.numpy(),
