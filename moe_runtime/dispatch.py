@@ -61,7 +61,8 @@ def dispatch(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: 
     recv_splits = recv_host[:, 0].tolist()
     buf = pack(x, dest, local, weights, routes.send, sum(send_splits))
     rx, slots, w = unpack(group.all_to_all(buf, recv_splits, send_splits), x.shape[1], top_k)
-    return (Received(rx, slots, w, recv_host[:, 1:].sum(0).tolist(), None),
+    slot_sizes = recv_host[:, 1:].sum(0).tolist()  # host tensor from the sync above: no second sync
+    return (Received(rx, slots, w, slot_sizes, None),
             ReturnPath(routes.result, send_splits, recv_splits))
 
 
