@@ -8,7 +8,8 @@ Launch one process per GPU from the repository root:
 
 The model is Qwen3-235B-A22B-shaped (hidden 4096, expert intermediate 1536, 128 experts, top-8) with
 --layers layers, bf16, exact dispatch, 128 / world + --extra-slots slots a rank, and a router skewed by
-moe_runtime.demo_rank.zipf_router_bias (LogicalWeights.router_bias). Each token count is one case:
+moe_runtime.demo_rank.zipf_router_bias (LogicalWeights.router_bias). Each token count and
+--micro-batches value (2: the all-to-alls pipelined with the experts in two token ranges) is one case:
 
     warm-up -> static (--static-steps) -> plan requested -> waiting -> migration -> rebalanced
 
@@ -81,8 +82,9 @@ from moe_runtime.telemetry import TelemetryConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE_SETTLE_STEPS = 4  # rebalanced steps before the profiled ones
-COLUMNS = ["world", "tokens", "layers", "slots_per_rank", "planner", "static_ms", "rebalanced_ms", "speedup",
-           "speedup_ge_1.3", "migration_steps", "migration_max_ms", "migration_max_over_median",
+COLUMNS = ["world", "tokens", "micro_batches", "layers", "slots_per_rank", "planner", "static_ms",
+           "rebalanced_ms", "speedup", "speedup_ge_1.3", "migration_steps", "migration_max_ms",
+           "migration_max_over_median",
            "steps_over_2x", "waiting_steps", "migrated_MB", "gpu_max_min_before", "gpu_max_min_after",
            "balancedness_before", "balancedness_after", "dispatch_ms_max_before", "dispatch_ms_max_after",
            "expert_ms_max_before", "expert_ms_max_after", "combine_ms_max_before", "combine_ms_max_after",
@@ -356,7 +358,8 @@ def serve(group: EPGroup, args: argparse.Namespace, stack: EPMoEStack, controlle
     static_end = args.warmup + args.static_steps
     trace, check_next, requested, step = Trace(), False, 0.0, 0
     tokens = inputs[0].shape[0]
-    profiled = {when: Profiler(group, args.out / f"profile-t{tokens}-{when}")
+    micro = stack.layers[0].dispatch_config.micro_batches
+    profiled = {when: Profiler(group, args.out / f"profile-t{tokens}-m{micro}-{when}")
                 for when in ("static", "rebalanced")} if args.profile_steps else {}
     rebalanced_profile = None  # the steps [first, last) profiled after the switch
     while True:
@@ -413,16 +416,16 @@ def serve(group: EPGroup, args: argparse.Namespace, stack: EPMoEStack, controlle
                 return trace
 
 
-def run_case(group: EPGroup, args: argparse.Namespace, tokens: int, planner, runtime: Path,
-             steps_out: list[dict]) -> dict:
+def run_case(group: EPGroup, args: argparse.Namespace, tokens: int, micro_batches: int, planner,
+             runtime: Path, steps_out: list[dict]) -> dict:
     cfg, dtype, device = model_config(args), DTYPES[args.dtype], group.device
     k = cfg.experts // group.world + args.extra_slots
-    job = f"loop-w{group.world}-t{tokens}"
+    job = f"loop-w{group.world}-t{tokens}-m{micro_batches}"
     skew = zipf_router_bias(cfg.layers, cfg.experts, args.skew, args.seed + 1)
     placement = RuntimePlacement.initial(cfg.layers, cfg.experts, group.world, k, device)
     counters = Counters(cfg.layers, cfg.experts, k, device)
-    stack = EPMoEStack(cfg, group, placement, dispatch=DispatchConfig(args.dispatch), counters=counters,
-                       dtype=dtype)
+    dispatch = DispatchConfig(args.dispatch, micro_batches=micro_batches)
+    stack = EPMoEStack(cfg, group, placement, dispatch=dispatch, counters=counters, dtype=dtype)
     weights = load_layers(stack, lambda i: device_weights(cfg, i, args.seed, device, dtype, skew[i]),
                           keep=args.reference)
     telemetry = TelemetryConfig(job=job, interval_steps=args.interval, ring_capacity=256,
@@ -443,7 +446,8 @@ def run_case(group: EPGroup, args: argparse.Namespace, tokens: int, planner, run
     migrated = sum_over_ranks(controller.migrated_bytes, group)
     err = max_over_ranks([trace.max_rel_err], group)[0]
     dist.barrier()  # every ring is flushed and closed
-    steps_out.extend({"world": group.world, "tokens": tokens, "step": i, "phase": p, "ms": round(ms, 4)}
+    steps_out.extend({"world": group.world, "tokens": tokens, "micro_batches": micro_batches, "step": i,
+                      "phase": p, "ms": round(ms, 4)}
                      for i, (p, ms) in enumerate(zip(trace.phases, step_ms, strict=True)))
     by_phase = {p: [ms for ms, q in zip(step_ms, trace.phases, strict=True) if q == p]
                 for p in ("static", "waiting", "migration", "rebalanced")}
@@ -494,6 +498,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skew", type=float, default=1.1, help="Zipf exponent of the router bias")
     p.add_argument("--dispatch", choices=("exact", "capacity"), default="exact",
                    help="exact: variable all-to-all (one sync a layer); capacity: padded, no sync")
+    p.add_argument("--micro-batches", default="1",
+                   help="DispatchConfig.micro_batches, comma-separated: one case per tokens x value "
+                        "(2+: all-to-alls pipelined with the experts)")
+    p.add_argument("--nccl-high-priority", action="store_true",
+                   help="NCCL on high-priority streams (its all-to-alls ahead of the pipelined experts)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="weights and activations")
     p.add_argument("--warmup", type=int, default=16, help="steps")
     p.add_argument("--static-steps", type=int, default=64, help="timed steps on the initial placement")
@@ -514,8 +523,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="check against the dense reference (on in --tiny)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="profile this many static steps (the last ones) and rebalanced steps (after "
-                        f"{PROFILE_SETTLE_STEPS} more): DIR/profile-tTOKENS-static|rebalanced-rankR.txt "
-                        "and .json")
+                        f"{PROFILE_SETTLE_STEPS} more): "
+                        "DIR/profile-tTOKENS-mMICRO-static|rebalanced-rankR.txt and .json")
     p.add_argument("--seed", type=int, default=0, help="weights, skew and inputs")
     p.add_argument("--timeout", type=float, default=300, help="collective timeout, seconds")
     if p.parse_args(argv).tiny:  # --tiny changes the defaults; explicit options still win
@@ -527,12 +536,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--profile-steps must fit in --static-steps and, after {PROFILE_SETTLE_STEPS} steps, "
                 "in --rebalanced-steps")
     args.tokens = [int(t) for t in args.tokens.split(",")]
+    args.micro_batches = [int(m) for m in args.micro_batches.split(",")]
+    if min(args.micro_batches) < 1:
+        p.error("--micro-batches: every value must be >= 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    group = init_distributed(args.device, args.timeout)
+    group = init_distributed(args.device, args.timeout, nccl_high_priority=args.nccl_high_priority)
     cfg, planner, work = model_config(args), None, None
     if group.rank == 0:  # a SIGTERM (timeout, torchrun) still stops the daemon through the finally below
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -557,11 +569,12 @@ def main(argv: list[str] | None = None) -> int:
                    f"planner {planner.name if planner else ''}, out {args.out}")
         results = Results(args.out, "loop", COLUMNS, group.rank == 0)
         steps: list[dict] = []
-        for tokens in args.tokens:
-            log(group, f"== {tokens} tokens per rank")
+        for tokens, micro in [(t, m) for t in args.tokens for m in args.micro_batches]:
+            log(group, f"== {tokens} tokens per rank, {micro} micro-batch(es)")
             started = time.perf_counter()
-            record(results, group, {"world": group.world, "tokens": tokens, "layers": cfg.layers},
-                   lambda tokens=tokens: run_case(group, args, tokens, planner, runtime, steps))
+            key = {"world": group.world, "tokens": tokens, "micro_batches": micro, "layers": cfg.layers}
+            record(results, group, key, lambda tokens=tokens, micro=micro: run_case(
+                group, args, tokens, micro, planner, runtime, steps))
             if group.rank == 0:
                 write_steps(args.out / "steps.csv", steps)
                 if isinstance(planner, DaemonPlanner):
@@ -585,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_steps(path: Path, steps: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, ["world", "tokens", "step", "phase", "ms"])
+        writer = csv.DictWriter(f, ["world", "tokens", "micro_batches", "step", "phase", "ms"])
         writer.writeheader()
         writer.writerows(steps)
 

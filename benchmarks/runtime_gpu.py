@@ -9,18 +9,20 @@ Sections (--sections, default all):
 
 * equivalence: EPMoEStack against moe_runtime.reference.dense_stack (each rank computes the reference
   over every rank's tokens with the same weights) for both routings (Qwen3 softmax, DeepSeek-V3
-  sigmoid_grouped with groups), both dispatch modes and a random placement with replicas (S > E),
-  float32. Reports the max relative error, the same on every rank (all-reduced).
+  sigmoid_grouped with groups), both dispatch modes, each whole and pipelined in two micro-batches
+  (NCCL's stream beside the compute stream), and a random placement with replicas (S > E), float32.
+  Reports the max relative error, the same on every rank (all-reduced).
 * sync: host syncs per forward counted with torch.cuda.set_sync_debug_mode("warn") (capacity mode:
-  0 expected; exact mode: one per layer, for the split sizes), and the capacity-mode forward run under
-  set_sync_debug_mode("error"). CUDA only.
+  0 expected; exact mode: one per layer, for the split sizes; the same pipelined), and the capacity-mode
+  forward run under set_sync_debug_mode("error"). CUDA only.
 * overhead: step time with counters + telemetry (a PlanController publishing every 16 steps into a
   temp runtime dir) on against off (counters=None, no controller), same stack, on/off segments
   interleaved in ABBA order to cancel drift; Qwen3-235B and DeepSeek-V3 shapes with the layers
   reduced, bf16, 64 and 4096 tokens per rank; eager exact dispatch, and (--overhead-dispatch graph)
-  capacity dispatch replayed from one CUDA graph per mode. Each step's time is the max over ranks; the
-  overhead is the mean over adjacent on/off segment pairs of their difference in mean step, with a
-  95% confidence interval from the spread of those differences.
+  capacity dispatch replayed from one CUDA graph per mode. Each segment starts with a barrier and is
+  timed whole (the max over ranks of its wall time); the overhead is the mean over adjacent on/off
+  segment pairs of their difference in mean step, with a 95% confidence interval from the spread of
+  those differences. Per-step times (the max over ranks) give the median and the publish columns.
 
 Results: DIR/<section>.csv, .json and .md (rewritten after every row, so a failure keeps the rows
 before it), DIR defaulting to $OUT, else ./out. Timing: synchronize before every host clock read,
@@ -96,10 +98,13 @@ def pin_to_cpus(local_rank: int, local_world: int) -> list[int]:
     return mine
 
 
-def init_distributed(device: str, timeout_s: float, pin_cpus: bool = True) -> EPGroup:
+def init_distributed(device: str, timeout_s: float, pin_cpus: bool = True,
+                     nccl_high_priority: bool = False) -> EPGroup:
     """One process per rank from torchrun's environment (or a world of one without it): NCCL on the
     local GPU, gloo on CPU. With `pin_cpus`, a CUDA rank is bound to its share of the CPUs
-    (`pin_to_cpus`). Returns the world as the EP group."""
+    (`pin_to_cpus`); with `nccl_high_priority`, NCCL's streams get the GPU's high priority, so its
+    blocks are scheduled ahead of the compute stream's when both have work. Returns the world as the
+    EP group."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517")):
@@ -110,7 +115,9 @@ def init_distributed(device: str, timeout_s: float, pin_cpus: bool = True) -> EP
             pin_to_cpus(int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         local = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", timeout=timeout, device_id=local)
+        options = dist.ProcessGroupNCCL.Options()
+        options.is_high_priority_stream = nccl_high_priority
+        dist.init_process_group("nccl", timeout=timeout, device_id=local, pg_options=options)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
         dist.init_process_group("gloo", timeout=timeout)
@@ -214,6 +221,15 @@ def _to(w: LogicalWeights, device: torch.device) -> LogicalWeights:
                                      if getattr(w, f.name) is not None})
 
 
+# The equivalence and sync sections' dispatch configurations, by the name their rows carry.
+DISPATCH = {
+    "exact": DispatchConfig("exact"),
+    "capacity": DispatchConfig("capacity"),
+    "exact-pipelined": DispatchConfig("exact", micro_batches=2),
+    "capacity-pipelined": DispatchConfig("capacity", micro_batches=2),
+}
+
+
 def random_stack(group: EPGroup, model: str, mode: str,
                  seed: int) -> tuple[MoEConfig, RuntimePlacement, EPMoEStack, list[LogicalWeights]]:
     """The small ``model`` over a random placement with replicas (2 slots per rank beyond E / world),
@@ -222,7 +238,7 @@ def random_stack(group: EPGroup, model: str, mode: str,
     k = cfg.experts // group.world + 2
     placement = RuntimePlacement(random_placement(cfg, group.world, k, seed), cfg.experts, k, group.device)
     counters = Counters(cfg.layers, cfg.experts, k, group.device)
-    stack = EPMoEStack(cfg, group, placement, dispatch=DispatchConfig(mode), counters=counters)
+    stack = EPMoEStack(cfg, group, placement, dispatch=DISPATCH[mode], counters=counters)
     weights = [_to(LogicalWeights.random(cfg, layer, seed), group.device) for layer in range(cfg.layers)]
     stack.load_weights(weights)
     return cfg, placement, stack, weights
@@ -267,9 +283,10 @@ def sync_case(group: EPGroup, model: str, mode: str, tokens: int, seed: int) -> 
         syncs = count_syncs(lambda: stack(x))
         # Decide on the error-mode run together, so no rank raises while the others are in a collective.
         most = int(max_over_ranks([syncs], group)[0])
-        expected = 0 if mode == "capacity" else cfg.layers
+        capacity = DISPATCH[mode].mode == "capacity"
+        expected = 0 if capacity else cfg.layers
         row = {"layers": cfg.layers, "syncs_per_forward": most, "expected": expected}
-        if mode == "capacity" and most == 0:
+        if capacity and most == 0:
             torch.cuda.set_sync_debug_mode("error")
             try:
                 stack(x)
@@ -336,7 +353,8 @@ def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argpa
                                     interval_ms=args.interval_ms, timing_every=args.timing_every,
                                     write_from=args.write_from, directory=runtime)
         controller = PlanController(stack, placement, group, counters, telemetry=telemetry)
-        times: dict[str, list[float]] = {"off": [], "on": []}
+        times: dict[str, list[float]] = {"off": [], "on": []}   # per step, this rank
+        walls: dict[str, list[float]] = {"off": [], "on": []}   # per kept segment, this rank
         on_step = 0
 
         published: list[bool] = []  # per kept on step: whether it published
@@ -345,6 +363,11 @@ def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argpa
             nonlocal on_step
             if not graphed:
                 attach(mode)  # outside the timed steps
+            if keep:  # every rank starts the segment together, so its wall time counts a rank's delay once
+                if group.world > 1:
+                    dist.barrier()
+                sync(group.device)
+                began = time.perf_counter()
             for i in range(steps):
                 sync(group.device)
                 start = time.perf_counter()
@@ -360,6 +383,8 @@ def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argpa
                     sync(group.device)
                 if keep:
                     times[mode].append(time.perf_counter() - start)
+            if keep:
+                walls[mode].append(time.perf_counter() - began)
 
         try:
             with torch.no_grad():
@@ -374,12 +399,15 @@ def overhead_case(group: EPGroup, model: str, tokens: int, how: str, args: argpa
                                 group, args.out / f"profile-{model}-{how}-{tokens}-{mode}")
         finally:
             controller.close()
-    n = len(times["off"])
+    n, segs = len(times["off"]), len(walls["off"])
     step_max = max_over_ranks(times["off"] + times["on"], group)  # the slowest rank sets each step
     steps = {"off": step_max[:n], "on": step_max[n:]}
-    # Per segment the mean step (publish steps at their share); segments of a pair are adjacent (ABBA),
-    # so their difference cancels drift, and the spread of the differences gives the uncertainty.
-    means = {m: [statistics.fmean(t[i:i + seg]) for i in range(0, n, seg)] for m, t in steps.items()}
+    wall_max = max_over_ranks(walls["off"] + walls["on"], group)
+    # Per segment the mean step from its wall time (publish steps at their share; a max over ranks per
+    # step would count a rank's delay twice: in its own step and in the others' wait at the next
+    # collective). Segments of a pair are adjacent (ABBA), so their difference cancels drift, and the
+    # spread of the differences gives the uncertainty.
+    means = {"off": [w / seg for w in wall_max[:segs]], "on": [w / seg for w in wall_max[segs:]]}
     off = statistics.fmean(means["off"])
     diffs = [(a - b) / off for a, b in zip(means["on"], means["off"], strict=True)]
     overhead = statistics.fmean(diffs)
@@ -454,10 +482,10 @@ def cases(section: str, group: EPGroup, args: argparse.Namespace) -> list[tuple[
     if section == "equivalence":
         return [({"model": m, "mode": mode, "world": group.world},
                  partial(equivalence_case, group, m, mode, args.eq_tokens, args.seed))
-                for m in MODELS for mode in ("exact", "capacity")]
+                for m in MODELS for mode in DISPATCH]
     if section == "sync":
         return [({"model": m, "mode": mode}, partial(sync_case, group, m, mode, args.eq_tokens, args.seed))
-                for m in MODELS for mode in ("capacity", "exact")]
+                for m in MODELS for mode in DISPATCH]
     return [({"model": m, "dispatch": how, "layers": args.overhead_layers, "tokens": t},
              partial(overhead_case, group, m, t, how, args))
             for how in args.overhead_dispatch for m in args.models for t in args.tokens]

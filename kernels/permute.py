@@ -155,13 +155,23 @@ def combine_reference(back: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     return torch.where(result.unsqueeze(-1) >= 0, picked, 0.0).sum(0)
 
 
-def combine(back: torch.Tensor, result: torch.Tensor, force_triton: bool = False) -> torch.Tensor:
-    """[T, H] float32: per token, the sum of the rows of back [N, H] that result [W, T] names (-1: none)."""
+def combine(back: torch.Tensor, result: torch.Tensor, force_triton: bool = False, *,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, H] float32: per token, the sum of the rows of back [N, H] that result [W, T] names (-1: none).
+
+    `out` (contiguous [T, H] float32, e.g. a token range of a larger result) receives it instead of a
+    new tensor.
+    """
+    if out is not None and (out.shape != (result.shape[1], back.shape[1]) or out.dtype != torch.float32
+                            or not out.is_contiguous()):
+        raise ValueError(f"combine: out must be contiguous [{result.shape[1]}, {back.shape[1]}] float32, "
+                         f"got {list(out.shape)} {out.dtype}")
     if use_triton(back, force_triton):
         from kernels.permute_triton import combine_triton
 
-        return combine_triton(back, result)
-    return combine_reference(back, result)
+        return combine_triton(back, result, out)
+    summed = combine_reference(back, result)
+    return summed if out is None else out.copy_(summed)
 
 
 def slot_order(slots: torch.Tensor, slots_per_rank: int) -> torch.Tensor:

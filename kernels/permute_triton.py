@@ -88,11 +88,12 @@ def _combine_kernel(back_ptr, stride_b, result_ptr, out_ptr, tokens, hidden, wor
     tl.store(out_ptr + t.to(tl.int64) * hidden + col, tl.sum(values, axis=0), mask=col_ok)
 
 
-def combine_triton(back: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """kernels.permute.combine in one launch."""
+def combine_triton(back: torch.Tensor, result: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """kernels.permute.combine in one launch (into `out`, contiguous [T, H] float32, when given)."""
     world, tokens = result.shape
     hidden = back.shape[1]
-    out = torch.empty((tokens, hidden), dtype=torch.float32, device=back.device)
+    if out is None:
+        out = torch.empty((tokens, hidden), dtype=torch.float32, device=back.device)
     if tokens == 0:
         return out
     if back.stride(1) != 1:

@@ -82,10 +82,19 @@ class DispatchConfig:
     `capacity_factor` set, the drop policy applies: each source rank sends each physical slot at most
     ceil(capacity_factor * tokens * top_k / slots) assignments (the slot's mean load times the factor),
     keeps those with the largest routing weight (ties: lower token first) and drops and counts the rest.
+
+    micro_batches > 1 splits each batch after routing into that many contiguous token ranges (empty
+    ones where a rank has fewer tokens) and pipelines them: one range's all-to-all runs while another's
+    experts compute (on a GPU, NCCL's stream beside the compute stream). Outputs, counts and drops are
+    those of the whole batch; exact mode still syncs once a layer (one count exchange for all ranges).
+    Every rank issues one all-to-all pair per range, so every rank must use the same value; it is read
+    on every forward, so an engine can switch it per step (on all ranks alike), e.g. on for prefill
+    batches, where the all-to-alls take milliseconds, and off for decode.
     """
 
     mode: str = "exact"
     capacity_factor: float | None = None
+    micro_batches: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in DISPATCH_MODES:
@@ -95,6 +104,14 @@ class DispatchConfig:
                 raise ValueError("DispatchConfig.capacity_factor needs mode='capacity'")
             if not self.capacity_factor > 0:
                 raise ValueError(f"DispatchConfig.capacity_factor must be > 0, got {self.capacity_factor}")
+        if self.micro_batches < 1:
+            raise ValueError(f"DispatchConfig.micro_batches must be >= 1, got {self.micro_batches}")
+
+    def token_ranges(self, tokens: int) -> list[slice]:
+        """The micro-batches of a batch of `tokens`: `micro_batches` contiguous ranges, as even as can be."""
+        n = self.micro_batches
+        bounds = [tokens * i // n for i in range(n + 1)]
+        return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 
     def capacity(self, tokens: int, top_k: int, slots: int) -> int:
         """Assignments a source rank may send each physical slot; `tokens` (no drops) without a factor.

@@ -20,6 +20,7 @@ A migration in flight needs nothing from the daemon, so it always completes on e
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,6 @@ from balancerd.protocol import (
     control_path,
     runtime_dir,
 )
-from moe_runtime.config import DispatchConfig
 from moe_runtime.counters import Counters
 from moe_runtime.group import EPGroup
 from moe_runtime.migrate import chunk_layers, migrate_chunk, schedule
@@ -265,7 +265,8 @@ class PlanController:
             bias = plan.selection_bias if plan.policy == Policy.TOKEN else np.zeros_like(plan.selection_bias)
             self.selection_bias.copy_(torch.from_numpy(np.ascontiguousarray(bias)))
         if plan.policy == Policy.DROP and plan.capacity_factor > 0:
-            dispatch = DispatchConfig(mode="capacity", capacity_factor=plan.capacity_factor)
+            dispatch = dataclasses.replace(self.base_dispatch, mode="capacity",
+                                           capacity_factor=plan.capacity_factor)
         else:
             dispatch = self.base_dispatch
         for layer in self.stack.layers:

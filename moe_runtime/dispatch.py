@@ -4,13 +4,20 @@ Each token goes once to each destination rank, with the local slot ids and weigh
 there, in one all-to-all (the metadata rides at the end of each row); that rank returns one
 weighted-sum vector per row. Exact mode exchanges counts first and reads the split sizes on the
 host (the forward path's one sync); capacity mode sends fixed, padded splits and never syncs.
+
+`dispatch` and `combine` run one batch start to end. The pipelined forward (micro-batches) uses the
+steps they are made of: `prepare` packs every token range (one count exchange for all of them),
+`send` and `send_back` start all-to-alls without waiting, `receive` and `combine_returned` wait for
+them (on a GPU the compute stream waits for NCCL's; the host does not block).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from kernels.permute import combine as combine_rows
 from kernels.permute import drop_overflow, pack, route_rows, unpack
@@ -32,43 +39,104 @@ class ReturnPath(NamedTuple):
     recv_splits: list[int] | None  # rows received from each rank (exact mode)
 
 
-def dispatch(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: EPGroup, slots_per_rank: int,
-             config: DispatchConfig) -> tuple[Received, ReturnPath]:
-    """Send x [T, H] to the physical slots phys [T, k] chosen for its assignments (weights [T, k])."""
+class Outgoing(NamedTuple):
+    """One token range packed for the dispatch all-to-all."""
+
+    buf: torch.Tensor              # [rows, row width] token rows with their slot ids and weights
+    path: ReturnPath
+    slot_sizes: list[int] | None   # exact mode: assignments per local slot this range brings here
+
+
+class InFlight(NamedTuple):
+    """An all-to-all started without waiting: `out` is valid once `work` is waited for."""
+
+    out: torch.Tensor
+    work: dist.Work | None
+    outgoing: Outgoing
+
+
+def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: EPGroup, slots_per_rank: int,
+            config: DispatchConfig, ranges: Sequence[slice]) -> tuple[list[Outgoing], torch.Tensor | None]:
+    """Pack each token range of x [T, H] for the physical slots phys [T, k] (weights [T, k]).
+
+    The drop policy sees the whole batch, so the ranges drop exactly what one batch would. Exact mode
+    exchanges every range's counts in one all-to-all and reads them with the layer's one host sync.
+    Returns the packed ranges and the assignments dropped (None where none can be).
+    """
     world, k = group.world, slots_per_rank
     tokens, top_k = phys.shape
     dest, local = phys // k, phys % k
     if config.mode == "capacity":
-        capacity = config.capacity(tokens, top_k, world * k)
         dropped = None  # a slot never receives more than `tokens` assignments
+        capacity = config.capacity(tokens, top_k, world * k)
         if capacity < tokens:
             keep, dropped = drop_overflow(phys, weights, capacity)
             dest = torch.where(keep, dest, -1)
-        routes = route_rows(dest, world, padded=True)
-        buf = pack(x, dest, local, weights, routes.send, world * tokens)
-        rx, slots, w = unpack(group.all_to_all(buf), x.shape[1], top_k)
-        return (Received(rx, slots, w, None, dropped),
-                ReturnPath(routes.result, None, None))
+        outgoing = []
+        for r in ranges:
+            routes = route_rows(dest[r], world, padded=True)
+            buf = pack(x[r], dest[r], local[r], weights[r], routes.send, world * (r.stop - r.start))
+            outgoing.append(Outgoing(buf, ReturnPath(routes.result, None, None), None))
+        return outgoing, dropped
 
-    routes = route_rows(dest, world, padded=False)
-    per_slot = torch.zeros(world * k, dtype=torch.int64, device=x.device)
-    per_slot.index_add_(0, phys.reshape(-1), torch.ones(phys.numel(), dtype=torch.int64, device=x.device))
-    counts = torch.cat([routes.per_rank.unsqueeze(1), per_slot.view(world, k)], 1)  # [W, 1 + K]
+    routes = [route_rows(dest[r], world, padded=False) for r in ranges]
+    counts = []
+    for r, rr in zip(ranges, routes, strict=True):
+        per_slot = torch.zeros(world * k, dtype=torch.int64, device=x.device)
+        flat = phys[r].reshape(-1)
+        per_slot.index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.int64, device=x.device))
+        counts.append(torch.cat([rr.per_rank.unsqueeze(1), per_slot.view(world, k)], 1))  # [W, 1 + K]
+    counts = torch.cat(counts, 1)  # [W, ranges * (1 + K)]
     recv_counts = group.all_to_all(counts)
-    host = torch.cat([counts[:, 0], recv_counts.reshape(-1)]).cpu()  # the one host sync
-    send_splits = host[:world].tolist()
-    recv_host = host[world:].view(world, 1 + k)
-    recv_splits = recv_host[:, 0].tolist()
-    buf = pack(x, dest, local, weights, routes.send, sum(send_splits))
-    rx, slots, w = unpack(group.all_to_all(buf, recv_splits, send_splits), x.shape[1], top_k)
-    slot_sizes = recv_host[:, 1:].sum(0).tolist()  # host tensor from the sync above: no second sync
-    return (Received(rx, slots, w, slot_sizes, None),
-            ReturnPath(routes.result, send_splits, recv_splits))
+    host = torch.cat([counts[:, ::1 + k].reshape(-1), recv_counts.reshape(-1)]).cpu()  # the one host sync
+    sent = host[:counts.numel() // (1 + k)].view(world, len(ranges))
+    got = host[sent.numel():].view(world, len(ranges), 1 + k)
+    outgoing = []
+    for i, (r, rr) in enumerate(zip(ranges, routes, strict=True)):
+        send_splits, recv_splits = sent[:, i].tolist(), got[:, i, 0].tolist()
+        buf = pack(x[r], dest[r], local[r], weights[r], rr.send, sum(send_splits))
+        slot_sizes = got[:, i, 1:].sum(0).tolist()  # host tensor from the sync above: no second sync
+        outgoing.append(Outgoing(buf, ReturnPath(rr.result, send_splits, recv_splits), slot_sizes))
+    return outgoing, None
+
+
+def send(outgoing: Outgoing, group: EPGroup) -> InFlight:
+    """Start the dispatch all-to-all of one packed range."""
+    path = outgoing.path
+    out, work = group.all_to_all_start(outgoing.buf, path.recv_splits, path.send_splits)
+    return InFlight(out, work, outgoing)
+
+
+def receive(flight: InFlight, hidden: int, top_k: int, dropped: torch.Tensor | None = None) -> Received:
+    """Wait for a dispatch all-to-all and view what arrived."""
+    if flight.work is not None:
+        flight.work.wait()
+    rx, slots, w = unpack(flight.out, hidden, top_k)
+    return Received(rx, slots, w, flight.outgoing.slot_sizes, dropped)
+
+
+def send_back(y: torch.Tensor, path: ReturnPath, group: EPGroup) -> tuple[torch.Tensor, dist.Work | None]:
+    """Start returning the rows' results y [R, H] to their source ranks."""
+    return group.all_to_all_start(y, path.send_splits, path.recv_splits)
+
+
+def combine_returned(back: torch.Tensor, work: dist.Work | None, path: ReturnPath,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Wait for `send_back` and sum the returned rows per token into out [T, H] float32 (or a new one)."""
+    if work is not None:
+        work.wait()
+    return combine_rows(back, path.result, out=out)
+
+
+def dispatch(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: EPGroup, slots_per_rank: int,
+             config: DispatchConfig) -> tuple[Received, ReturnPath]:
+    """Send x [T, H] to the physical slots phys [T, k] chosen for its assignments (weights [T, k])."""
+    (outgoing,), dropped = prepare(x, phys, weights, group, slots_per_rank, config, [slice(0, x.shape[0])])
+    return receive(send(outgoing, group), x.shape[1], phys.shape[1], dropped), outgoing.path
 
 
 def combine(y: torch.Tensor, path: ReturnPath, group: EPGroup, tokens: int) -> torch.Tensor:
     """Return the rows' results y [R, H] to their source ranks and sum them per token: [tokens, H] float32."""
     if path.result.shape[1] != tokens:
         raise ValueError(f"the return path is for {path.result.shape[1]} tokens, not {tokens}")
-    back = group.all_to_all(y, path.send_splits, path.recv_splits)
-    return combine_rows(back, path.result)
+    return combine_returned(*send_back(y, path, group), path)

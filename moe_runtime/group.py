@@ -29,12 +29,24 @@ class EPGroup:
     def all_to_all(self, x: torch.Tensor, out_splits: list[int] | None = None,
                    in_splits: list[int] | None = None) -> torch.Tensor:
         """all_to_all_single along dim 0: even splits when none are given; a copy-free no-op at world 1."""
+        out, work = self.all_to_all_start(x, out_splits, in_splits)
+        if work is not None:
+            work.wait()
+        return out
+
+    def all_to_all_start(self, x: torch.Tensor, out_splits: list[int] | None = None,
+                         in_splits: list[int] | None = None) -> tuple[torch.Tensor, dist.Work | None]:
+        """`all_to_all` without waiting: `out` is valid once `work` (None at world 1) is waited for.
+
+        Under NCCL, waiting makes the current stream wait for the collective's; the host goes on.
+        """
         if self.world == 1:
-            return x
+            return x, None
         rows = x.shape[0] if out_splits is None else sum(out_splits)
         out = x.new_empty((rows, *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group)
-        return out
+        work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group,
+                                      async_op=True)
+        return out, work
 
 
 def ep_group(group: dist.ProcessGroup | None = None, device: torch.device | str | None = None) -> EPGroup:

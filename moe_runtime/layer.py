@@ -13,7 +13,16 @@ from torch import nn
 from kernels.route import route
 from moe_runtime.config import NORM_EPS, DispatchConfig, MoEConfig
 from moe_runtime.counters import Counters
-from moe_runtime.dispatch import combine, dispatch
+from moe_runtime.dispatch import (
+    Received,
+    combine,
+    combine_returned,
+    dispatch,
+    prepare,
+    receive,
+    send,
+    send_back,
+)
 from moe_runtime.experts import run_experts, swiglu
 from moe_runtime.group import EPGroup
 from moe_runtime.placement import RuntimePlacement, choose_replicas
@@ -129,21 +138,65 @@ class EPMoELayer(nn.Module):
                   selection_bias=self.selection_bias, counts=None if c is None else c.routed,
                   record=None if c is None else c.record)
         phys = choose_replicas(r.ids, pl.log_to_phys[layer], pl.replicas[layer], offset=self.group.rank)
-        with self._timed("dispatch"):
-            recv, path = dispatch(x, phys, r.weights, self.group, pl.slots_per_rank, self.dispatch_config)
-        with self._timed("expert"):  # received per slot is counted inside the expert path
-            y = run_experts(recv.x, recv.slots, recv.weights, self.w_gate_up, self.w_down, recv.slot_sizes,
-                            count=None if c is None else (c.received, c.record))
-        with self._timed("combine"):
-            out = combine(y, path, self.group, x.shape[0])
-        if self.shared_gate_up is not None:
-            out += swiglu(x, self.shared_gate_up, self.shared_down).float()
+        ranges = self.dispatch_config.token_ranges(x.shape[0])
+        if len(ranges) == 1:
+            out, dropped = self._whole(x, phys, r.weights)
+        else:
+            out, dropped = self._pipelined(x, phys, r.weights, ranges)
         if c is not None:  # gated by the device flag
             if self.selection_bias is not None:
                 c.bias_changed.addcmul_(r.changed, c.record)
-            if recv.dropped is not None:
-                c.dropped.addcmul_(recv.dropped, c.record)
+            if dropped is not None:
+                c.dropped.addcmul_(dropped, c.record)
         return out.to(x.dtype)
+
+    def _experts(self, recv: Received) -> torch.Tensor:
+        c = self._rows  # received per slot is counted inside the expert path
+        return run_experts(recv.x, recv.slots, recv.weights, self.w_gate_up, self.w_down, recv.slot_sizes,
+                           count=None if c is None else (c.received, c.record))
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.shared_gate_up is None:
+            return None
+        return swiglu(x, self.shared_gate_up, self.shared_down).float()
+
+    def _whole(self, x: torch.Tensor, phys: torch.Tensor,
+               weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with self._timed("dispatch"):
+            recv, path = dispatch(x, phys, weights, self.group, self.placement.slots_per_rank,
+                                  self.dispatch_config)
+        with self._timed("expert"):
+            y = self._experts(recv)
+        with self._timed("combine"):
+            out = combine(y, path, self.group, x.shape[0])
+        shared = self._shared(x)
+        return (out if shared is None else out.add_(shared)), recv.dropped
+
+    def _pipelined(self, x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor,
+                   ranges: list[slice]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Micro-batches: range i + 1's dispatch and range i - 1's combine overlap range i's experts.
+
+        Timed phases are what the compute stream waits for: dispatch until the first range has
+        arrived (the shared experts run meanwhile), expert the ranges' experts with any wait for later
+        ranges, combine the wait for the last results and the sums.
+        """
+        group, top_k = self.group, phys.shape[1]
+        with self._timed("dispatch"):
+            outgoing, dropped = prepare(x, phys, weights, group, self.placement.slots_per_rank,
+                                        self.dispatch_config, ranges)
+            flights = [send(o, group) for o in outgoing]
+            shared = self._shared(x)
+            first = receive(flights[0], x.shape[1], top_k)
+        with self._timed("expert"):
+            returning = []
+            for i, flight in enumerate(flights):
+                recv = first if i == 0 else receive(flight, x.shape[1], top_k)
+                returning.append(send_back(self._experts(recv), flight.outgoing.path, group))
+        with self._timed("combine"):
+            out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+            for r, (back, work), flight in zip(ranges, returning, flights, strict=True):
+                combine_returned(back, work, flight.outgoing.path, out=out[r])
+        return (out if shared is None else out.add_(shared)), dropped
 
 
 class EPMoEStack(nn.Module):

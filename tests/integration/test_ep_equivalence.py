@@ -47,6 +47,14 @@ CONFIGS = {
 EXACT_TOKENS = (13, 0, 7, 20)  # uneven, one rank idle: exact mode allows it
 CAPACITY_TOKENS = 12           # capacity mode needs the same count on every rank
 DROP_FACTOR, DROP_TOKENS = 1.0, 16  # capacity ceil(16 * 4 / 24) = 3 a slot
+# Pipelined (micro-batched) forwards must equal the whole-batch ones; 3 ranges of EXACT_TOKENS
+# include empty ones (the idle rank's) and ranges of one token.
+DISPATCH = {
+    "exact": DispatchConfig("exact"),
+    "capacity": DispatchConfig("capacity"),
+    "exact-pipelined": DispatchConfig("exact", micro_batches=3),
+    "capacity-pipelined": DispatchConfig("capacity", micro_batches=2),
+}
 
 
 def random_placement(layers: int, world: int, rng: np.random.Generator) -> np.ndarray:
@@ -126,14 +134,15 @@ def check_equivalence(rank: int, group, cfg: MoEConfig, mode: str) -> dict:
     gen = torch.Generator().manual_seed(SEED)
     weights = [dataclasses.replace(LogicalWeights.random(cfg, layer, SEED),
                                    router_bias=torch.randn(E, generator=gen)) for layer in range(layers)]
-    bias = torch.randn(layers, E, generator=gen) * 0.05 if mode == "exact" else None
-    tokens = EXACT_TOKENS[:world] if mode == "exact" else (CAPACITY_TOKENS,) * world
+    exact = DISPATCH[mode].mode == "exact"
+    bias = torch.randn(layers, E, generator=gen) * 0.05 if exact else None
+    tokens = EXACT_TOKENS[:world] if exact else (CAPACITY_TOKENS,) * world
     x_all = torch.randn(sum(tokens), cfg.hidden, generator=gen)
     mine = slice(sum(tokens[:rank]), sum(tokens[:rank + 1]))
     want, ids, unbiased = reference(x_all, weights, cfg, bias)
 
     counters = Counters(layers, E, SLOTS // world)
-    stack = EPMoEStack(cfg, group, placement, dispatch=DispatchConfig(mode), counters=counters,
+    stack = EPMoEStack(cfg, group, placement, dispatch=DISPATCH[mode], counters=counters,
                        selection_bias=bias)
     stack.load_weights(weights)
     assert_close(stack(x_all[mine]), want[mine])
@@ -150,9 +159,10 @@ def check_equivalence(rank: int, group, cfg: MoEConfig, mode: str) -> dict:
                 unbiased=[u[mine] for u in unbiased])
 
 
-def check_drops(rank: int, group) -> dict:
+def check_drops(rank: int, group, micro_batches: int) -> dict:
     """Capacity mode with the drop policy: per (source rank, slot), the lowest-weight assignments beyond
-    capacity drop (ties: the higher token), exactly those, and they are counted."""
+    capacity drop (ties: the higher token), exactly those, and they are counted; micro-batches drop
+    what the whole batch would."""
     world = group.world
     cfg = dataclasses.replace(CONFIGS["qwen3-235b-a22b"], layers=1)
     rng = np.random.default_rng(SEED + 1)
@@ -162,7 +172,7 @@ def check_drops(rank: int, group) -> dict:
     x = torch.randn(world, DROP_TOKENS, cfg.hidden, generator=torch.Generator().manual_seed(SEED))[rank]
     counters = Counters(1, E, per_rank)
     layer = EPMoELayer(cfg, 0, group, RuntimePlacement(row, E, per_rank),
-                       dispatch=DispatchConfig("capacity", DROP_FACTOR), counters=counters)
+                       dispatch=DispatchConfig("capacity", DROP_FACTOR, micro_batches), counters=counters)
     layer.load_weights(w)
     got = layer(x)
 
@@ -190,8 +200,9 @@ def all_checks(rank: int, world: int) -> dict:
     assert (group.rank, group.world) == (rank, world)
     check_bad_inputs(group, CONFIGS["qwen3-235b-a22b"])
     out = {(name, mode): check_equivalence(rank, group, cfg, mode)
-           for name, cfg in CONFIGS.items() for mode in ("exact", "capacity")}
-    out["drops"] = check_drops(rank, group)
+           for name, cfg in CONFIGS.items() for mode in DISPATCH}
+    out["drops"] = check_drops(rank, group, 1)
+    out["drops-pipelined"] = check_drops(rank, group, 3)
     return out
 
 
@@ -199,7 +210,7 @@ def all_checks(rank: int, world: int) -> dict:
 def test_ep_forward_and_counters_match_dense_reference(world: int) -> None:
     results = [all_checks(0, 1)] if world == 1 else run_world(all_checks, world, timeout=150)
     per_rank = SLOTS // world
-    for name, mode in [(n, m) for n in CONFIGS for m in ("exact", "capacity")]:
+    for name, mode in [(n, m) for n in CONFIGS for m in DISPATCH]:
         runs = [res[name, mode] for res in results]
         for layer in range(CONFIGS[name].layers):
             row = runs[0]["phys_to_log"][layer]
@@ -215,11 +226,16 @@ def test_ep_forward_and_counters_match_dense_reference(world: int) -> None:
             assert np.array_equal(np.concatenate([run["received"][layer] for run in runs]), received)
             assert received.sum() == sum(run["routed"][layer].sum() for run in runs)
         total_changed = sum(run["bias_changed"].sum() for run in runs)
-        assert (total_changed > 0) == (mode == "exact"), "the bias changes assignments, and only when set"
-    drops = [res["drops"] for res in results]
-    routed = sum(d["routed"].sum() for d in drops)
-    assert sum(d["received"].sum() for d in drops) == routed - sum(d["dropped"].sum() for d in drops)
-    assert all(d["received"].shape == (1, per_rank) for d in drops)
+        assert (total_changed > 0) == (DISPATCH[mode].mode == "exact"), \
+            "the bias changes assignments, and only when set"
+    for key in ("drops", "drops-pipelined"):
+        drops = [res[key] for res in results]
+        routed = sum(d["routed"].sum() for d in drops)
+        assert sum(d["received"].sum() for d in drops) == routed - sum(d["dropped"].sum() for d in drops)
+        assert all(d["received"].shape == (1, per_rank) for d in drops)
+    for res in results:
+        for name in ("routed", "received", "dropped"):
+            assert np.array_equal(res["drops"][name], res["drops-pipelined"][name])
 
 
 def test_counters_snapshot_reset_timings_and_off_switch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,9 +24,11 @@ def torchrun(script: str, out: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_loop_gpu_applies_a_plan_and_reports_phases_and_profiles(tmp_path: Path) -> None:
-    torchrun("loop_gpu.py", tmp_path, "--profile-steps", "2", "--planner-tolerance", "0.01")
+    torchrun("loop_gpu.py", tmp_path, "--profile-steps", "2", "--planner-tolerance", "0.01",
+             "--micro-batches", "2")
     (row,) = json.loads((tmp_path / "loop.json").read_text())
     assert not row["error"], row
+    assert row["micro_batches"] == 2
     assert row["plan_state"] == "applied" and row["max_rel_err"] < 1e-4
     assert row["balancedness_after"] < row["balancedness_before"]
     for phase in ("dispatch", "expert", "combine"):
@@ -34,7 +36,7 @@ def test_loop_gpu_applies_a_plan_and_reports_phases_and_profiles(tmp_path: Path)
             assert 0 < row[f"{phase}_ms_min_{when}"] <= row[f"{phase}_ms_max_{when}"]
     for when in ("static", "rebalanced"):
         for rank in (0, 1):
-            assert (tmp_path / f"profile-t64-{when}-rank{rank}.txt").stat().st_size > 0
+            assert (tmp_path / f"profile-t64-m2-{when}-rank{rank}.txt").stat().st_size > 0
     assert (tmp_path / "steps.csv").exists()
 
 
@@ -45,3 +47,10 @@ def test_runtime_gpu_overhead_ablation_and_write_from(tmp_path: Path) -> None:
     assert not row["error"], row
     assert row["model"] == "qwen3-235b-a22b" and row["publishes"] == 0  # no controller: nothing published
     assert row["steps_per_mode"] == 4 * 16
+
+
+def test_runtime_gpu_equivalence_whole_and_pipelined(tmp_path: Path) -> None:
+    torchrun("runtime_gpu.py", tmp_path, "--sections", "equivalence", "--eq-tokens", "24")
+    rows = json.loads((tmp_path / "equivalence.json").read_text())
+    assert {r["mode"] for r in rows} == {"exact", "capacity", "exact-pipelined", "capacity-pipelined"}
+    assert all(r["ok"] and not r["error"] for r in rows), rows

@@ -52,6 +52,7 @@ def test_bad_configs_are_refused_with_the_reason(name: str, overrides: dict, mat
     ({"mode": "padded"}, "mode must be one of"),
     ({"capacity_factor": 1.0}, "capacity_factor needs mode='capacity'"),
     ({"mode": "capacity", "capacity_factor": 0.0}, "capacity_factor must be > 0"),
+    ({"micro_batches": 0}, "micro_batches must be >= 1"),
 ])
 def test_bad_dispatch_configs_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -63,3 +64,12 @@ def test_capacity_without_a_factor_takes_every_token_and_with_one_rounds_up() ->
     assert DispatchConfig("capacity", 1.0).capacity(tokens=10, top_k=2, slots=4) == 5
     assert DispatchConfig("capacity", 1.1).capacity(tokens=10, top_k=2, slots=4) == 6
     assert DispatchConfig("capacity", 4.0).capacity(tokens=10, top_k=8, slots=2) == 10
+
+
+@pytest.mark.parametrize("tokens, n, sizes",
+                         [(10, 1, [10]), (10, 3, [3, 3, 4]), (2, 3, [0, 1, 1]), (0, 2, [0, 0])])
+def test_token_ranges_cover_the_batch_in_order_with_as_many_ranges_on_every_rank(tokens, n, sizes) -> None:
+    ranges = DispatchConfig(micro_batches=n).token_ranges(tokens)
+    assert [r.stop - r.start for r in ranges] == sizes
+    assert ranges[0].start == 0 and ranges[-1].stop == tokens
+    assert all(a.stop == b.start for a, b in zip(ranges, ranges[1:], strict=False))

@@ -40,6 +40,14 @@ def _unpermute_counting(ys, pos, weights, dtype,
     return permute.unpermute(ys, pos, weights, dtype, force_triton=True, count=count), count.counts
 
 
+def _combine_into_range(back: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """combine into rows 2.. of a larger result (a micro-batch's token range); rows 0-1 stay untouched."""
+    out = torch.full((result.shape[1] + 2, back.shape[1]), 7.0)
+    got = permute.combine(back, result, force_triton=True, out=out[2:])
+    assert got.data_ptr() == out[2:].data_ptr() and (out[:2] == 7.0).all()
+    return got
+
+
 def _count_slots(slots: torch.Tensor, counts: torch.Tensor, record: torch.Tensor | None) -> torch.Tensor:
     permute.count_slots(slots, counts, record, force_triton=True)
     return counts
@@ -119,6 +127,18 @@ def test_pack_reference_rows_and_metadata(gen, dtype: torch.dtype) -> None:
             assert torch.equal(w[row], torch.where(here, weights[t], 0.0))
 
 
+def test_combine_reference_writes_into_out_and_refuses_a_wrong_one(gen) -> None:
+    result = torch.tensor([[0, -1, 2], [1, 3, -1]], dtype=torch.int32)
+    back = torch.randn(4, 8, generator=gen)
+    out = torch.full((5, 8), 7.0)
+    assert permute.combine(back, result, out=out[1:4]).data_ptr() == out[1:4].data_ptr()
+    torch.testing.assert_close(out[1:4], permute.combine(back, result))
+    assert (out[0] == 7.0).all() and (out[4] == 7.0).all()
+    for bad in (torch.empty(3, 9), torch.empty(3, 8, dtype=torch.float64), torch.empty(8, 3).T):
+        with pytest.raises(ValueError, match=r"out must be contiguous \[3, 8\] float32"):
+            permute.combine(back, result, out=bad)
+
+
 def test_row_layout_aligns_rows_and_metadata() -> None:
     assert row_layout(7168, 8, torch.bfloat16) == (7168 + 32, 7168 // 2)
     assert row_layout(30, 3, torch.bfloat16) == (32 + 16, 16)
@@ -181,6 +201,8 @@ def test_pack_and_combine_kernels_match_references(gen, triton_call, shape, dtyp
     back = torch.randn(rows, hidden, generator=gen).to(dtype)
     want = permute.combine(back, routes.result)
     torch.testing.assert_close(triton_call("combine", back, routes.result), want, rtol=1e-6, atol=1e-6)
+    into_range = triton_call(_combine_into_range, back, routes.result)
+    torch.testing.assert_close(into_range, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
