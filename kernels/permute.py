@@ -249,7 +249,8 @@ def count_slots(slots: torch.Tensor, counts: torch.Tensor, record: torch.Tensor 
                 force_triton: bool = False) -> None:
     """counts[s] += (assignments of slots [R, k] to local slot s) * record, in place, with no host sync.
 
-    slots may be a strided view (the received metadata); -1 entries are unused. counts [K] int32;
+    slots (int32 or int64) may be a strided view (the received metadata); -1 entries and ids >= K are
+    not counted. counts [K] int32;
     record (0-d int32 on the device, optional) gates the update without a recompile or graph re-capture.
     """
     if use_triton(slots, force_triton):

@@ -198,6 +198,7 @@ def _count_block(slots_ptr, stride_s, counts_ptr, record_ptr, row0, rows, slots_
     j = tl.arange(0, KP)
     ok = (r < rows)[:, None] & (j < K)[None, :]
     slot = tl.load(slots_ptr + r.to(tl.int64)[:, None] * stride_s + j[None, :], mask=ok, other=-1)
+    slot = slot.to(tl.int32)  # int64 physical slots from dispatch
     used = ok & (slot >= 0) & (slot < slots_here)
     hist = tl.histogram(tl.reshape(tl.where(used, slot, 0), [BLOCK_R * KP]), BINS,
                         mask=tl.reshape(used, [BLOCK_R * KP]))

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from kernels.permute import combine as combine_rows
-from kernels.permute import drop_overflow, pack, route_rows, unpack
+from kernels.permute import count_slots, drop_overflow, pack, route_rows, unpack
 from moe_runtime.config import DispatchConfig
 from moe_runtime.group import EPGroup
 
@@ -82,10 +82,9 @@ def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: E
     routes = [route_rows(dest[r], world, padded=False) for r in ranges]
     counts = []
     for r, rr in zip(ranges, routes, strict=True):
-        per_slot = torch.zeros(world * k, dtype=torch.int64, device=x.device)
-        flat = phys[r].reshape(-1)
-        per_slot.index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.int64, device=x.device))
-        counts.append(torch.cat([rr.per_rank.unsqueeze(1), per_slot.view(world, k)], 1))  # [W, 1 + K]
+        per_slot = torch.zeros(world * k, dtype=torch.int32, device=x.device)
+        count_slots(phys[r], per_slot)  # a histogram per block: no atomics on a few hot counters
+        counts.append(torch.cat([rr.per_rank.to(torch.int32).unsqueeze(1), per_slot.view(world, k)], 1))
     counts = torch.cat(counts, 1)  # [W, ranges * (1 + K)]
     recv_counts = group.all_to_all(counts)
     host = torch.cat([counts[:, ::1 + k].reshape(-1), recv_counts.reshape(-1)]).cpu()  # the one host sync

@@ -260,6 +260,8 @@ def test_count_slots_kernel_adds_exact_counts(gen, triton_call, rows, top_k, per
     permute.count_slots(slots, reference, flag)
     assert torch.equal(reference, want)
     assert torch.equal(triton_call(_count_slots, slots, start.clone(), flag), want)
+    physical = slots.long().contiguous()  # dispatch counts the physical slots [T, k] int64 it sends
+    assert torch.equal(triton_call(_count_slots, physical, start.clone(), flag), want)
 
 
 # ---------------------------------------------------------------- compiled for the H200 (no GPU needed)
