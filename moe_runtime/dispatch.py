@@ -99,10 +99,19 @@ def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: E
     return outgoing, None
 
 
-def send(outgoing: Outgoing, group: EPGroup) -> InFlight:
-    """Start the dispatch all-to-all of one packed range."""
+def arrival_buffer(outgoing: Outgoing) -> torch.Tensor:
+    """An empty buffer for what a packed range's dispatch brings here."""
+    recv = outgoing.path.recv_splits
+    rows = outgoing.buf.shape[0] if recv is None else sum(recv)
+    return outgoing.buf.new_empty((rows, outgoing.buf.shape[1]))
+
+
+def send(outgoing: Outgoing, group: EPGroup, after: torch.cuda.Event | None = None,
+         out: torch.Tensor | None = None) -> InFlight:
+    """Start the dispatch all-to-all of one packed range; with `after` it waits for that event alone
+    and lands in `out` (`arrival_buffer`, allocated before the event: see `EPGroup.all_to_all_start`)."""
     path = outgoing.path
-    out, work = group.all_to_all_start(outgoing.buf, path.recv_splits, path.send_splits)
+    out, work = group.all_to_all_start(outgoing.buf, path.recv_splits, path.send_splits, after, out)
     return InFlight(out, work, outgoing)
 
 

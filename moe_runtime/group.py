@@ -35,18 +35,45 @@ class EPGroup:
         return out
 
     def all_to_all_start(self, x: torch.Tensor, out_splits: list[int] | None = None,
-                         in_splits: list[int] | None = None) -> tuple[torch.Tensor, dist.Work | None]:
+                         in_splits: list[int] | None = None, after: torch.cuda.Event | None = None,
+                         out: torch.Tensor | None = None) -> tuple[torch.Tensor, dist.Work | None]:
         """`all_to_all` without waiting: `out` is valid once `work` (None at world 1) is waited for.
 
-        Under NCCL, waiting makes the current stream wait for the collective's; the host goes on.
+        Under NCCL, waiting makes the current stream wait for the collective's; the host goes on. A
+        collective normally starts after everything issued on the current stream so far; with `after`
+        (an event recorded once x and `out` were allocated and x written) it waits for that event
+        alone, so it can run beside compute issued since. `out` must then be given: a buffer
+        allocated now could be memory that compute issued since still uses.
         """
+        if after is not None and out is None:
+            raise ValueError("all_to_all_start: `after` needs an `out` allocated before the event")
         if self.world == 1:
             return x, None
         rows = x.shape[0] if out_splits is None else sum(out_splits)
-        out = x.new_empty((rows, *x.shape[1:]))
-        work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group,
-                                      async_op=True)
+        if out is None:
+            out = x.new_empty((rows, *x.shape[1:]))
+        elif out.shape != (rows, *x.shape[1:]) or out.dtype != x.dtype:
+            raise ValueError(f"all_to_all_start: out is {list(out.shape)} {out.dtype}, "
+                             f"need {[rows, *x.shape[1:]]} {x.dtype}")
+        x = x.contiguous()
+        if after is None or not x.is_cuda:
+            return out, dist.all_to_all_single(out, x, out_splits, in_splits, group=self.group, async_op=True)
+        side = _side_stream(x.device)
+        side.wait_event(after)
+        with torch.cuda.stream(side):
+            work = dist.all_to_all_single(out, x, out_splits, in_splits, group=self.group, async_op=True)
         return out, work
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One stream per device from which collectives are issued that must not wait for the compute
+    stream's latest work (NCCL's own stream waits for the issuing stream)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 def ep_group(group: dist.ProcessGroup | None = None, device: torch.device | str | None = None) -> EPGroup:

@@ -15,6 +15,7 @@ from moe_runtime.config import NORM_EPS, DispatchConfig, MoEConfig
 from moe_runtime.counters import Counters
 from moe_runtime.dispatch import (
     Received,
+    arrival_buffer,
     combine,
     combine_returned,
     dispatch,
@@ -176,26 +177,38 @@ class EPMoELayer(nn.Module):
                    ranges: list[slice]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Micro-batches: range i + 1's dispatch and range i - 1's combine overlap range i's experts.
 
-        Timed phases are what the compute stream waits for: dispatch until the first range has
-        arrived (the shared experts run meanwhile), expert the ranges' experts with any wait for later
-        ranges, combine the wait for the last results and the sums.
+        On NCCL's one stream the order is d0, d1, c0, d2, c1, ...: range i + 1 is sent once range i's
+        experts are issued (so its host cost hides behind them), from a side stream that waits only
+        for the packed buffers, and range i's results once its experts are. Timed phases are what the
+        compute stream waits for: dispatch until range 0 has arrived (the shared experts run
+        meanwhile), expert the ranges' experts with any wait for later ranges, combine the wait for
+        the last results and the sums.
         """
-        group, top_k = self.group, phys.shape[1]
+        group, hidden, top_k = self.group, x.shape[1], phys.shape[1]
         with self._timed("dispatch"):
             outgoing, dropped = prepare(x, phys, weights, group, self.placement.slots_per_rank,
                                         self.dispatch_config, ranges)
-            flights = [send(o, group) for o in outgoing]
+            packed, arrivals = None, [None] * len(outgoing)
+            if x.is_cuda and group.world > 1:  # later ranges land in buffers allocated before the event
+                arrivals = [None] + [arrival_buffer(o) for o in outgoing[1:]]
+                packed = torch.cuda.Event()
+                packed.record()
+            flights = [send(outgoing[0], group)]
             shared = self._shared(x)
-            first = receive(flights[0], x.shape[1], top_k)
+            recv = receive(flights[0], hidden, top_k)
         with self._timed("expert"):
             returning = []
-            for i, flight in enumerate(flights):
-                recv = first if i == 0 else receive(flight, x.shape[1], top_k)
-                returning.append(send_back(self._experts(recv), flight.outgoing.path, group))
+            for i, range_out in enumerate(outgoing):
+                if i:
+                    recv = receive(flights[i], hidden, top_k)
+                y = self._experts(recv)
+                if i + 1 < len(outgoing):
+                    flights.append(send(outgoing[i + 1], group, after=packed, out=arrivals[i + 1]))
+                returning.append(send_back(y, range_out.path, group))
         with self._timed("combine"):
             out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-            for r, (back, work), flight in zip(ranges, returning, flights, strict=True):
-                combine_returned(back, work, flight.outgoing.path, out=out[r])
+            for r, (back, work), range_out in zip(ranges, returning, outgoing, strict=True):
+                combine_returned(back, work, range_out.path, out=out[r])
         return (out if shared is None else out.add_(shared)), dropped
 
 
