@@ -88,13 +88,13 @@ def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: E
     counts = torch.cat(counts, 1)  # [W, ranges * (1 + K)]
     recv_counts = group.all_to_all(counts)
     host = torch.cat([counts[:, ::1 + k].reshape(-1), recv_counts.reshape(-1)]).cpu()  # the one host sync
-    sent = host[:counts.numel() // (1 + k)].view(world, len(ranges))
+    sent = host[:counts.numel() // (1 + k)].view(world, len(ranges))  # host views: no further sync below
     got = host[sent.numel():].view(world, len(ranges), 1 + k)
     outgoing = []
     for i, (r, rr) in enumerate(zip(ranges, routes, strict=True)):
         send_splits, recv_splits = sent[:, i].tolist(), got[:, i, 0].tolist()
         buf = pack(x[r], dest[r], local[r], weights[r], rr.send, sum(send_splits))
-        slot_sizes = got[:, i, 1:].sum(0).tolist()  # host tensor from the sync above: no second sync
+        slot_sizes = got[:, i, 1:].sum(0).tolist()
         outgoing.append(Outgoing(buf, ReturnPath(rr.result, send_splits, recv_splits), slot_sizes))
     return outgoing, None
 
