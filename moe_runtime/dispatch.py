@@ -85,7 +85,7 @@ def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: E
         per_slot = torch.zeros(world * k, dtype=torch.int32, device=x.device)
         count_slots(phys[r], per_slot)  # a histogram per block: no atomics on a few hot counters
         counts.append(torch.cat([rr.per_rank.to(torch.int32).unsqueeze(1), per_slot.view(world, k)], 1))
-    counts = torch.cat(counts, 1)  # [W, ranges * (1 + K)]
+    counts = counts[0] if len(counts) == 1 else torch.cat(counts, 1)  # [W, ranges * (1 + K)]; no copy for one
     recv_counts = group.all_to_all(counts)
     host = torch.cat([counts[:, ::1 + k].reshape(-1), recv_counts.reshape(-1)]).cpu()  # the one host sync
     sent = host[:counts.numel() // (1 + k)].view(world, len(ranges))  # host views: no further sync below
