@@ -48,6 +48,7 @@ from contextlib import nullcontext
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 if not __package__:  # run as a file: the repo root must come first (benchmarks/kernels.py is no package)
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -259,9 +260,19 @@ def equivalence_case(group: EPGroup, model: str, mode: str, tokens: int, seed: i
 
 
 def count_syncs(fn: Callable[[], object]) -> int:
-    """Host syncs fn() makes, as set_sync_debug_mode("warn") reports them."""
+    """Host syncs fn() makes: those set_sync_debug_mode("warn") reports, and waits on CUDA events
+    (which it does not report)."""
     always = torch.is_warn_always_enabled()
-    with warnings.catch_warnings(record=True) as caught:
+    event_waits = 0
+    wait = torch.cuda.Event.synchronize
+
+    def counted_wait(event: torch.cuda.Event) -> None:
+        nonlocal event_waits
+        event_waits += 1
+        wait(event)
+
+    with warnings.catch_warnings(record=True) as caught, mock.patch.object(torch.cuda.Event, "synchronize",
+                                                                           counted_wait):
         warnings.simplefilter("always")
         torch.set_warn_always(True)  # a warning torch raises only once would hide repeated syncs
         torch.cuda.set_sync_debug_mode("warn")
@@ -270,7 +281,7 @@ def count_syncs(fn: Callable[[], object]) -> int:
         finally:
             torch.cuda.set_sync_debug_mode("default")
             torch.set_warn_always(always)
-    return sum("called a synchronizing" in str(w.message) for w in caught)
+    return event_waits + sum("called a synchronizing" in str(w.message) for w in caught)
 
 
 def sync_case(group: EPGroup, model: str, mode: str, tokens: int, seed: int) -> dict:

@@ -87,16 +87,33 @@ def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: E
         counts.append(torch.cat([rr.per_rank.to(torch.int32).unsqueeze(1), per_slot.view(world, k)], 1))
     counts = counts[0] if len(counts) == 1 else torch.cat(counts, 1)  # [W, ranges * (1 + K)]; no copy for one
     recv_counts = group.all_to_all(counts)
-    host = torch.cat([counts[:, ::1 + k].reshape(-1), recv_counts.reshape(-1)]).cpu()  # the one host sync
-    sent = host[:counts.numel() // (1 + k)].view(world, len(ranges))  # host views: no further sync below
+    host, arrived = _start_host_copy(torch.cat([counts[:, ::1 + k].reshape(-1), recv_counts.reshape(-1)]))
+    # Pack before waiting for the counts: the GPU packs while the host wakes up, instead of idling until
+    # the host has read the counts and launched the pack. A range sends at most min(W, top_k) rows a token.
+    bufs = [pack(x[r], dest[r], local[r], weights[r], rr.send, (r.stop - r.start) * min(world, top_k))
+            for r, rr in zip(ranges, routes, strict=True)]
+    if arrived is not None:
+        arrived.synchronize()  # the layer's one host sync
+    sent = host[:counts.numel() // (1 + k)].view(world, len(ranges))
     got = host[sent.numel():].view(world, len(ranges), 1 + k)
     outgoing = []
-    for i, (r, rr) in enumerate(zip(ranges, routes, strict=True)):
+    for i, (buf, rr) in enumerate(zip(bufs, routes, strict=True)):
         send_splits, recv_splits = sent[:, i].tolist(), got[:, i, 0].tolist()
-        buf = pack(x[r], dest[r], local[r], weights[r], rr.send, sum(send_splits))
         slot_sizes = got[:, i, 1:].sum(0).tolist()
-        outgoing.append(Outgoing(buf, ReturnPath(rr.result, send_splits, recv_splits), slot_sizes))
+        path = ReturnPath(rr.result, send_splits, recv_splits)
+        outgoing.append(Outgoing(buf[:sum(send_splits)], path, slot_sizes))
     return outgoing, None
+
+
+def _start_host_copy(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying t to (pinned) host memory; the host copy is valid once the event has completed."""
+    if not t.is_cuda:
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
 
 
 def arrival_buffer(outgoing: Outgoing) -> torch.Tensor:
@@ -128,12 +145,14 @@ def send_back(y: torch.Tensor, path: ReturnPath, group: EPGroup) -> tuple[torch.
     return group.all_to_all_start(y, path.send_splits, path.recv_splits)
 
 
-def combine_returned(back: torch.Tensor, work: dist.Work | None, path: ReturnPath,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """Wait for `send_back` and sum the returned rows per token into out [T, H] float32 (or a new one)."""
+def combine_returned(back: torch.Tensor, work: dist.Work | None, path: ReturnPath, *,
+                     out: torch.Tensor | None = None, add: torch.Tensor | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Wait for `send_back` and sum the returned rows per token, plus `add` ([T, H], e.g. the shared
+    experts), into out [T, H] of `dtype` (or a new one); the sum is float32, rounded once."""
     if work is not None:
         work.wait()
-    return combine_rows(back, path.result, out=out)
+    return combine_rows(back, path.result, out=out, add=add, dtype=dtype)
 
 
 def dispatch(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: EPGroup, slots_per_rank: int,
@@ -143,8 +162,10 @@ def dispatch(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: 
     return receive(send(outgoing, group), x.shape[1], phys.shape[1], dropped), outgoing.path
 
 
-def combine(y: torch.Tensor, path: ReturnPath, group: EPGroup, tokens: int) -> torch.Tensor:
-    """Return the rows' results y [R, H] to their source ranks and sum them per token: [tokens, H] float32."""
+def combine(y: torch.Tensor, path: ReturnPath, group: EPGroup, tokens: int, *,
+            add: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Return the rows' results y [R, H] to their source ranks and sum them per token, plus `add`:
+    [tokens, H] in `dtype`."""
     if path.result.shape[1] != tokens:
         raise ValueError(f"the return path is for {path.result.shape[1]} tokens, not {tokens}")
-    return combine_returned(*send_back(y, path, group), path)
+    return combine_returned(*send_back(y, path, group), path, add=add, dtype=dtype)

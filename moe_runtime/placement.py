@@ -47,7 +47,9 @@ def choose_replicas(ids: torch.Tensor, log_to_phys: torch.Tensor, replicas: torc
     """
     flat = ids.reshape(-1)
     n = flat.numel()
-    ranked, order = torch.sort(flat, stable=True)
+    # A radix sort makes a pass per key byte: int16 keys take 2 passes where int64 ids take 8.
+    keys = flat.to(torch.int16) if log_to_phys.shape[0] <= torch.iinfo(torch.int16).max else flat
+    ranked, order = torch.sort(keys, stable=True)
     nth = torch.empty_like(flat)  # an assignment's rank among its expert's: position - its run's start
     nth[order] = torch.arange(n, device=ids.device) - torch.searchsorted(ranked, ranked)
     choice = (nth + offset) % replicas[flat]
