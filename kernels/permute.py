@@ -150,28 +150,34 @@ def unpack(buf: torch.Tensor, hidden: int, top_k: int) -> tuple[torch.Tensor, to
 
 
 def combine_reference(back: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """Torch reference of `combine`."""
+    """Torch reference of `combine` (float32, nothing added)."""
     picked = back.float()[result.clamp(min=0).long()]  # [W, T, H]
     return torch.where(result.unsqueeze(-1) >= 0, picked, 0.0).sum(0)
 
 
 def combine(back: torch.Tensor, result: torch.Tensor, force_triton: bool = False, *,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """[T, H] float32: per token, the sum of the rows of back [N, H] that result [W, T] names (-1: none).
+            out: torch.Tensor | None = None, add: torch.Tensor | None = None,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[T, H] in `dtype`: per token, the float32 sum of the rows of back [N, H] that result [W, T] names
+    (-1: none), plus add [T, H] when given (e.g. the shared experts' output), rounded once at the end.
 
-    `out` (contiguous [T, H] float32, e.g. a token range of a larger result) receives it instead of a
+    `out` (contiguous [T, H] of `dtype`, e.g. a token range of a larger result) receives it instead of a
     new tensor.
     """
-    if out is not None and (out.shape != (result.shape[1], back.shape[1]) or out.dtype != torch.float32
-                            or not out.is_contiguous()):
-        raise ValueError(f"combine: out must be contiguous [{result.shape[1]}, {back.shape[1]}] float32, "
+    tokens, hidden = result.shape[1], back.shape[1]
+    if out is not None and (out.shape != (tokens, hidden) or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"combine: out must be contiguous [{tokens}, {hidden}] {dtype}, "
                          f"got {list(out.shape)} {out.dtype}")
+    if add is not None and add.shape != (tokens, hidden):
+        raise ValueError(f"combine: add must be [{tokens}, {hidden}], got {list(add.shape)}")
+    if out is None:
+        out = torch.empty((tokens, hidden), dtype=dtype, device=back.device)
     if use_triton(back, force_triton):
         from kernels.permute_triton import combine_triton
 
-        return combine_triton(back, result, out)
+        return combine_triton(back, result, out, add)
     summed = combine_reference(back, result)
-    return summed if out is None else out.copy_(summed)
+    return out.copy_(summed if add is None else summed + add.float())
 
 
 def slot_order(slots: torch.Tensor, slots_per_rank: int) -> torch.Tensor:

@@ -76,8 +76,8 @@ def pack_triton(x: torch.Tensor, dest: torch.Tensor, local: torch.Tensor, weight
 
 
 @triton.jit
-def _combine_kernel(back_ptr, stride_b, result_ptr, out_ptr, tokens, hidden, world,
-                    WP: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_kernel(back_ptr, stride_b, result_ptr, add_ptr, stride_a, out_ptr, tokens, hidden, world,
+                    ADD: tl.constexpr, WP: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0)
     col = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = col < hidden
@@ -85,24 +85,29 @@ def _combine_kernel(back_ptr, stride_b, result_ptr, out_ptr, tokens, hidden, wor
     row = tl.load(result_ptr + rank * tokens + t, mask=rank < world, other=-1).to(tl.int64)
     values = tl.load(back_ptr + row[:, None] * stride_b + col[None, :],
                      mask=(row >= 0)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    tl.store(out_ptr + t.to(tl.int64) * hidden + col, tl.sum(values, axis=0), mask=col_ok)
+    total = tl.sum(values, axis=0)
+    if ADD:
+        total += tl.load(add_ptr + t.to(tl.int64) * stride_a + col, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * hidden + col, total.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
-def combine_triton(back: torch.Tensor, result: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """kernels.permute.combine in one launch (into `out`, contiguous [T, H] float32, when given)."""
+def combine_triton(back: torch.Tensor, result: torch.Tensor, out: torch.Tensor,
+                   add: torch.Tensor | None = None) -> torch.Tensor:
+    """kernels.permute.combine in one launch, into `out` (contiguous [T, H]), plus `add` when given."""
     world, tokens = result.shape
     hidden = back.shape[1]
-    if out is None:
-        out = torch.empty((tokens, hidden), dtype=torch.float32, device=back.device)
     if tokens == 0:
         return out
     if back.stride(1) != 1:
         back = back.contiguous()
+    if add is not None and add.stride(1) != 1:
+        add = add.contiguous()
     wp = triton.next_power_of_2(world)
     block_h = _block_h(hidden, wp)
     _combine_kernel[(tokens, triton.cdiv(hidden, block_h))](
-        back, back.stride(0), result.to(torch.int32).contiguous(), out, tokens, hidden, world,
-        WP=wp, BLOCK_H=block_h, num_warps=4)
+        back, back.stride(0), result.to(torch.int32).contiguous(), out if add is None else add,
+        0 if add is None else add.stride(0), out, tokens, hidden, world,
+        ADD=add is not None, WP=wp, BLOCK_H=block_h, num_warps=4)
     return out
 
 

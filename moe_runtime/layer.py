@@ -16,7 +16,6 @@ from moe_runtime.counters import Counters
 from moe_runtime.dispatch import (
     Received,
     arrival_buffer,
-    combine,
     combine_returned,
     dispatch,
     prepare,
@@ -149,7 +148,7 @@ class EPMoELayer(nn.Module):
                 c.bias_changed.addcmul_(r.changed, c.record)
             if dropped is not None:
                 c.dropped.addcmul_(dropped, c.record)
-        return out.to(x.dtype)
+        return out
 
     def _experts(self, recv: Received) -> torch.Tensor:
         c = self._rows  # received per slot is counted inside the expert path
@@ -159,7 +158,7 @@ class EPMoELayer(nn.Module):
     def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.shared_gate_up is None:
             return None
-        return swiglu(x, self.shared_gate_up, self.shared_down).float()
+        return swiglu(x, self.shared_gate_up, self.shared_down)
 
     def _whole(self, x: torch.Tensor, phys: torch.Tensor,
                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -169,9 +168,10 @@ class EPMoELayer(nn.Module):
         with self._timed("expert"):
             y = self._experts(recv)
         with self._timed("combine"):
-            out = combine(y, path, self.group, x.shape[0])
-        shared = self._shared(x)
-        return (out if shared is None else out.add_(shared)), recv.dropped
+            back, work = send_back(y, path, self.group)
+            shared = self._shared(x)  # its GEMMs run while the results travel back
+            out = combine_returned(back, work, path, add=shared, dtype=x.dtype)
+        return out, recv.dropped
 
     def _pipelined(self, x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor,
                    ranges: list[slice]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -206,10 +206,11 @@ class EPMoELayer(nn.Module):
                     flights.append(send(outgoing[i + 1], group, after=packed, out=arrivals[i + 1]))
                 returning.append(send_back(y, range_out.path, group))
         with self._timed("combine"):
-            out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+            out = torch.empty_like(x)
             for r, (back, work), range_out in zip(ranges, returning, outgoing, strict=True):
-                combine_returned(back, work, range_out.path, out=out[r])
-        return (out if shared is None else out.add_(shared)), dropped
+                add = None if shared is None else shared[r]
+                combine_returned(back, work, range_out.path, out=out[r], add=add, dtype=x.dtype)
+        return out, dropped
 
 
 class EPMoEStack(nn.Module):

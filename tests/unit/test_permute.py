@@ -48,6 +48,10 @@ def _combine_into_range(back: torch.Tensor, result: torch.Tensor) -> torch.Tenso
     return got
 
 
+def _combine_adding(back: torch.Tensor, result: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    return permute.combine(back, result, force_triton=True, add=add, dtype=add.dtype)
+
+
 def _count_slots(slots: torch.Tensor, counts: torch.Tensor, record: torch.Tensor | None) -> torch.Tensor:
     permute.count_slots(slots, counts, record, force_triton=True)
     return counts
@@ -135,8 +139,20 @@ def test_combine_reference_writes_into_out_and_refuses_a_wrong_one(gen) -> None:
     torch.testing.assert_close(out[1:4], permute.combine(back, result))
     assert (out[0] == 7.0).all() and (out[4] == 7.0).all()
     for bad in (torch.empty(3, 9), torch.empty(3, 8, dtype=torch.float64), torch.empty(8, 3).T):
-        with pytest.raises(ValueError, match=r"out must be contiguous \[3, 8\] float32"):
+        with pytest.raises(ValueError, match=r"out must be contiguous \[3, 8\] torch.float32"):
             permute.combine(back, result, out=bad)
+    with pytest.raises(ValueError, match=r"add must be \[3, 8\]"):
+        permute.combine(back, result, add=torch.zeros(3, 7))
+
+
+def test_combine_adds_then_rounds_once(gen) -> None:
+    """The shared experts' output is added to the float32 sum, and only the total is rounded."""
+    result = torch.tensor([[0, -1, 2], [1, 3, -1]], dtype=torch.int32)
+    back = torch.randn(4, 8, generator=gen).bfloat16()
+    add = torch.randn(3, 8, generator=gen).bfloat16()
+    got = permute.combine(back, result, add=add, dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, (permute.combine(back, result) + add.float()).bfloat16())
 
 
 def test_row_layout_aligns_rows_and_metadata() -> None:
@@ -203,6 +219,11 @@ def test_pack_and_combine_kernels_match_references(gen, triton_call, shape, dtyp
     torch.testing.assert_close(triton_call("combine", back, routes.result), want, rtol=1e-6, atol=1e-6)
     into_range = triton_call(_combine_into_range, back, routes.result)
     torch.testing.assert_close(into_range, want, rtol=1e-6, atol=1e-6)
+    add = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    want = permute.combine(back, routes.result, add=add, dtype=dtype)
+    got = triton_call(_combine_adding, back, routes.result, add)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, **({} if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -275,8 +296,8 @@ def test_kernels_compile_for_h200_with_vector_copies() -> None:
     cases = [  # kernel, pointers that are not int32, constexprs, int arguments divisible by 16
         (pt._pack_kernel, {"x_ptr": "*bf16", "buf_ptr": "*bf16", "weights_ptr": "*fp32"},
          dict(K=8, KP=8, WP=4, BLOCK_H=1024), ["stride_x", "hidden", "width", "words", "meta"]),
-        (pt._combine_kernel, {"back_ptr": "*bf16", "out_ptr": "*fp32"}, dict(WP=4, BLOCK_H=1024),
-         ["stride_b", "hidden"]),
+        (pt._combine_kernel, {"back_ptr": "*bf16", "add_ptr": "*bf16", "out_ptr": "*bf16"},
+         dict(ADD=True, WP=4, BLOCK_H=1024), ["stride_b", "stride_a", "hidden"]),
         (pt._gather_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16"}, dict(BLOCK_M=4, BLOCK_H=1024),
          ["stride_x", "hidden"]),
         (pt._unpermute_kernel, {"ys_ptr": "*bf16", "weights_ptr": "*fp32", "out_ptr": "*bf16"},
