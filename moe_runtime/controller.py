@@ -217,7 +217,7 @@ class PlanController:
         self._pending_announce = None
         if not done.query():
             done.synchronize()  # issued N steps ago: in practice already complete
-        hi, lo = (int(v) for v in host[:ANNOUNCE_WORDS])
+        hi, lo = host[:ANNOUNCE_WORDS].tolist()  # one call: iterating a tensor costs ~20 us
         return (hi << 31) | lo
 
     def _agree(self, version: int, step: int) -> None:
