@@ -501,6 +501,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batches", default="1",
                    help="DispatchConfig.micro_batches, comma-separated: one case per tokens x value "
                         "(2+: all-to-alls pipelined with the experts)")
+    p.add_argument("--copy-engine-gb", type=float, default=0.0,
+                   help="exact dispatch by copy engines through a symmetric workspace of this many GB a rank "
+                        "(CUDA; 0: NCCL)")
     p.add_argument("--nccl-high-priority", action="store_true",
                    help="NCCL on high-priority streams (its all-to-alls ahead of the pipelined experts)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="weights and activations")
@@ -544,7 +547,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    group = init_distributed(args.device, args.timeout, nccl_high_priority=args.nccl_high_priority)
+    group = init_distributed(args.device, args.timeout, nccl_high_priority=args.nccl_high_priority,
+                             copy_engine_gb=args.copy_engine_gb)
     cfg, planner, work = model_config(args), None, None
     if group.rank == 0:  # a SIGTERM (timeout, torchrun) still stops the daemon through the finally below
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -591,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copy(planner.log_path, args.out / "daemon.log")
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
+        if group.copy_engine is not None:
+            group.copy_engine.destroy()
         dist.destroy_process_group()
     return 0
 

@@ -100,12 +100,13 @@ def pin_to_cpus(local_rank: int, local_world: int) -> list[int]:
 
 
 def init_distributed(device: str, timeout_s: float, pin_cpus: bool = True,
-                     nccl_high_priority: bool = False) -> EPGroup:
+                     nccl_high_priority: bool = False, copy_engine_gb: float = 0.0) -> EPGroup:
     """One process per rank from torchrun's environment (or a world of one without it): NCCL on the
     local GPU, gloo on CPU. With `pin_cpus`, a CUDA rank is bound to its share of the CPUs
     (`pin_to_cpus`); with `nccl_high_priority`, NCCL's streams get the GPU's high priority, so its
     blocks are scheduled ahead of the compute stream's when both have work. Returns the world as the
-    EP group."""
+    EP group; with `copy_engine_gb` > 0 its exact dispatch moves rows by the copy engines, through a
+    symmetric workspace of that many GB a rank (CUDA)."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517")):
@@ -122,7 +123,7 @@ def init_distributed(device: str, timeout_s: float, pin_cpus: bool = True,
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
         dist.init_process_group("gloo", timeout=timeout)
-    return ep_group()
+    return ep_group(copy_engine_bytes=int(copy_engine_gb * 2**30))
 
 
 def sync(device: torch.device) -> None:
@@ -536,6 +537,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--on-parts", default="counters,controller",
                    help="what 'on' adds, for finding what costs: counters (counting in the forward), "
                         "controller (PlanController.after_step: publishing, plan checks)")
+    p.add_argument("--copy-engine-gb", type=float, default=0.0,
+                   help="exact dispatch by copy engines through a symmetric workspace of this many GB a rank "
+                        "(CUDA; 0: NCCL)")
     p.add_argument("--seed", type=int, default=0, help="weights, placements and inputs")
     p.add_argument("--timeout", type=float, default=300, help="collective timeout, seconds")
     p.add_argument("--no-pin-cpus", dest="pin_cpus", action="store_false",
@@ -561,7 +565,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    group = init_distributed(args.device, args.timeout, args.pin_cpus)
+    group = init_distributed(args.device, args.timeout, args.pin_cpus, copy_engine_gb=args.copy_engine_gb)
     try:
         log(group, f"runtime_gpu: world {group.world} on {group.device.type}, torch {torch.__version__}, "
                    f"out {args.out}")
@@ -580,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, res in tables:
             log(group, f"\n### {name}\n\n{res.markdown()}")
     finally:
+        if group.copy_engine is not None:
+            group.copy_engine.destroy()
         dist.destroy_process_group()
     return 0
 

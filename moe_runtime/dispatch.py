@@ -22,7 +22,8 @@ import torch.distributed as dist
 from kernels.permute import combine as combine_rows
 from kernels.permute import count_slots, drop_overflow, pack, route_rows, unpack
 from moe_runtime.config import DispatchConfig
-from moe_runtime.group import EPGroup
+from moe_runtime.copy_engine import Transfer
+from moe_runtime.group import EPGroup, PeerLayout
 
 
 class Received(NamedTuple):
@@ -37,6 +38,7 @@ class ReturnPath(NamedTuple):
     result: torch.Tensor           # [W, T] int32 sent row whose result comes back to each token, -1 none
     send_splits: list[int] | None  # rows sent to each rank (exact mode)
     recv_splits: list[int] | None  # rows received from each rank (exact mode)
+    back: PeerLayout | None = None  # exact mode: where the results land at their sources
 
 
 class Outgoing(NamedTuple):
@@ -45,13 +47,14 @@ class Outgoing(NamedTuple):
     buf: torch.Tensor              # [rows, row width] token rows with their slot ids and weights
     path: ReturnPath
     slot_sizes: list[int] | None   # exact mode: assignments per local slot this range brings here
+    layout: PeerLayout | None = None  # exact mode: where the rows land at their destinations
 
 
 class InFlight(NamedTuple):
     """An all-to-all started without waiting: `out` is valid once `work` is waited for."""
 
     out: torch.Tensor
-    work: dist.Work | None
+    work: dist.Work | Transfer | None
     outgoing: Outgoing
 
 
@@ -86,23 +89,36 @@ def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: E
         count_slots(phys[r], per_slot)  # a histogram per block: no atomics on a few hot counters
         counts.append(torch.cat([rr.per_rank.to(torch.int32).unsqueeze(1), per_slot.view(world, k)], 1))
     counts = counts[0] if len(counts) == 1 else torch.cat(counts, 1)  # [W, ranges * (1 + K)]; no copy for one
-    recv_counts = group.all_to_all(counts)
-    host, arrived = _start_host_copy(torch.cat([counts[:, ::1 + k].reshape(-1), recv_counts.reshape(-1)]))
+    gathered = group.all_gather(counts)  # [source, destination, ranges * (1 + K)]: every rank's counts
+    if group.copy_engine is not None:
+        group.copy_engine.begin()  # every rank's readers of the last layer's regions preceded the gather
+    host, arrived = _start_host_copy(gathered)
     # Pack before waiting for the counts: the GPU packs while the host wakes up, instead of idling until
     # the host has read the counts and launched the pack. A range sends at most min(W, top_k) rows a token.
     bufs = [pack(x[r], dest[r], local[r], weights[r], rr.send, (r.stop - r.start) * min(world, top_k))
             for r, rr in zip(ranges, routes, strict=True)]
     if arrived is not None:
         arrived.synchronize()  # the layer's one host sync
-    sent = host[:counts.numel() // (1 + k)].view(world, len(ranges))
-    got = host[sent.numel():].view(world, len(ranges), 1 + k)
+    table = host.view(world, world, len(ranges), 1 + k)
+    me = group.rank
     outgoing = []
     for i, (buf, rr) in enumerate(zip(bufs, routes, strict=True)):
-        send_splits, recv_splits = sent[:, i].tolist(), got[:, i, 0].tolist()
-        slot_sizes = got[:, i, 1:].sum(0).tolist()
-        path = ReturnPath(rr.result, send_splits, recv_splits)
-        outgoing.append(Outgoing(buf[:sum(send_splits)], path, slot_sizes))
+        rows = table[:, :, i, 0]  # [source, destination] rows of this range
+        send_splits, recv_splits = rows[me].tolist(), rows[:, me].tolist()
+        slot_sizes = table[:, me, i, 1:].sum(0).tolist()
+        there, back = peer_layouts(rows, me)
+        path = ReturnPath(rr.result, send_splits, recv_splits, back)
+        outgoing.append(Outgoing(buf[:sum(send_splits)], path, slot_sizes, there))
     return outgoing, None
+
+
+def peer_layouts(rows: torch.Tensor, rank: int) -> tuple[PeerLayout, PeerLayout]:
+    """From rows [source, destination] (every rank's send counts), where `rank`'s rows land at each
+    destination (after the lower ranks', as all_to_all_single lays them out) and where their results
+    land back at each source (in the order the source sent its rows)."""
+    there = PeerLayout(rows[:rank].sum(0).tolist(), int(rows.sum(0).max()))
+    back = PeerLayout(rows[:, :rank].sum(1).tolist(), int(rows.sum(1).max()))
+    return there, back
 
 
 def _start_host_copy(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -128,7 +144,8 @@ def send(outgoing: Outgoing, group: EPGroup, after: torch.cuda.Event | None = No
     """Start the dispatch all-to-all of one packed range; with `after` it waits for that event alone
     and lands in `out` (`arrival_buffer`, allocated before the event: see `EPGroup.all_to_all_start`)."""
     path = outgoing.path
-    out, work = group.all_to_all_start(outgoing.buf, path.recv_splits, path.send_splits, after, out)
+    out, work = group.all_to_all_start(outgoing.buf, path.recv_splits, path.send_splits, after, out,
+                                       outgoing.layout)
     return InFlight(out, work, outgoing)
 
 
@@ -140,12 +157,13 @@ def receive(flight: InFlight, hidden: int, top_k: int, dropped: torch.Tensor | N
     return Received(rx, slots, w, flight.outgoing.slot_sizes, dropped)
 
 
-def send_back(y: torch.Tensor, path: ReturnPath, group: EPGroup) -> tuple[torch.Tensor, dist.Work | None]:
+def send_back(y: torch.Tensor, path: ReturnPath,
+              group: EPGroup) -> tuple[torch.Tensor, dist.Work | Transfer | None]:
     """Start returning the rows' results y [R, H] to their source ranks."""
-    return group.all_to_all_start(y, path.send_splits, path.recv_splits)
+    return group.all_to_all_start(y, path.send_splits, path.recv_splits, layout=path.back)
 
 
-def combine_returned(back: torch.Tensor, work: dist.Work | None, path: ReturnPath, *,
+def combine_returned(back: torch.Tensor, work: dist.Work | Transfer | None, path: ReturnPath, *,
                      out: torch.Tensor | None = None, add: torch.Tensor | None = None,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Wait for `send_back` and sum the returned rows per token, plus `add` ([T, H], e.g. the shared

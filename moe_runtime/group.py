@@ -1,14 +1,25 @@
-"""The expert-parallel group: rank, world, device and the all-to-all the layers use."""
+"""The expert-parallel group: rank, world, device and the collectives the layers use."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from moe_runtime.copy_engine import CopyEngineTransport, Transfer
+
 # The backend each device type needs for all_to_all_single.
 BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
+
+
+class PeerLayout(NamedTuple):
+    """Where one rank's rows land in every peer's receive region (what a copy-engine transfer needs
+    beyond the split sizes): dst_offsets[p] rows into p's region, of region_rows rows on every rank."""
+
+    dst_offsets: list[int]
+    region_rows: int
 
 
 @dataclass(frozen=True)
@@ -19,6 +30,7 @@ class EPGroup:
     world: int
     device: torch.device
     group: dist.ProcessGroup | None = None
+    copy_engine: CopyEngineTransport | None = None  # variable all-to-alls with a layout go through it
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world:
@@ -34,21 +46,36 @@ class EPGroup:
             work.wait()
         return out
 
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[world, *x.shape]: every rank's x, in rank order."""
+        if self.world == 1:
+            return x.unsqueeze(0)
+        out = x.new_empty((self.world * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
+        return out.view(self.world, *x.shape)
+
     def all_to_all_start(self, x: torch.Tensor, out_splits: list[int] | None = None,
                          in_splits: list[int] | None = None, after: torch.cuda.Event | None = None,
-                         out: torch.Tensor | None = None) -> tuple[torch.Tensor, dist.Work | None]:
+                         out: torch.Tensor | None = None, layout: PeerLayout | None = None,
+                         ) -> tuple[torch.Tensor, dist.Work | Transfer | None]:
         """`all_to_all` without waiting: `out` is valid once `work` (None at world 1) is waited for.
 
         Under NCCL, waiting makes the current stream wait for the collective's; the host goes on. A
         collective normally starts after everything issued on the current stream so far; with `after`
         (an event recorded once x and `out` were allocated and x written) it waits for that event
         alone, so it can run beside compute issued since. `out` must then be given: a buffer
-        allocated now could be memory that compute issued since still uses.
+        allocated now could be memory that compute issued since still uses. With a copy-engine
+        transport and a `layout`, the rows go by peer copies instead and land in its workspace (`out`
+        is not used).
         """
-        if after is not None and out is None:
+        by_copy_engine = self.copy_engine is not None and layout is not None
+        if after is not None and out is None and not by_copy_engine:
             raise ValueError("all_to_all_start: `after` needs an `out` allocated before the event")
         if self.world == 1:
             return x, None
+        if by_copy_engine:
+            rows = sum(out_splits)
+            return self.copy_engine.start(x, in_splits, layout.dst_offsets, rows, layout.region_rows, after)
         rows = x.shape[0] if out_splits is None else sum(out_splits)
         if out is None:
             out = x.new_empty((rows, *x.shape[1:]))
@@ -76,12 +103,15 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[device]
 
 
-def ep_group(group: dist.ProcessGroup | None = None, device: torch.device | str | None = None) -> EPGroup:
+def ep_group(group: dist.ProcessGroup | None = None, device: torch.device | str | None = None,
+             copy_engine_bytes: int = 0) -> EPGroup:
     """Wrap an initialised process group (default: the world group) as the EP group.
 
     Without torch.distributed initialised this is a single-rank group. The device defaults to the
     current CUDA device under NCCL and to the CPU otherwise; a backend that cannot run
-    all_to_all_single on that device is refused here, before any collective.
+    all_to_all_single on that device is refused here, before any collective. `copy_engine_bytes` > 0
+    (CUDA, one node) builds a `CopyEngineTransport` with that workspace a rank (collective): exact
+    dispatch then moves rows by the copy engines, leaving the SMs to the experts.
     """
     if not dist.is_available() or not dist.is_initialized():
         if group is not None:
@@ -96,4 +126,13 @@ def ep_group(group: dist.ProcessGroup | None = None, device: torch.device | str 
     if need is None or need not in backend:
         raise ValueError(f"ep_group: device {device} needs the {need or 'a supported'} backend for "
                          f"all-to-all, the group uses {backend!r}")
-    return EPGroup(dist.get_rank(group), dist.get_world_size(group), device, group)
+    if copy_engine_bytes and device.type != "cuda":
+        raise ValueError(f"ep_group: copy_engine_bytes needs a CUDA device, got {device}")
+    engine = None
+    if copy_engine_bytes:
+        engine = CopyEngineTransport(group, device, copy_engine_bytes)
+        # NCCL sets up its peer connections on first use; with the rows on the copy engines that could
+        # be in a weight migration's first step (a 0.77 s step on 4 H200s without this): set them up now.
+        probe = torch.zeros(dist.get_world_size(group), device=device)
+        dist.all_to_all_single(torch.empty_like(probe), probe, group=group)
+    return EPGroup(dist.get_rank(group), dist.get_world_size(group), device, group, engine)

@@ -190,7 +190,9 @@ class EPMoELayer(nn.Module):
                                         self.dispatch_config, ranges)
             packed, arrivals = None, [None] * len(outgoing)
             if x.is_cuda and group.world > 1:  # later ranges land in buffers allocated before the event
-                arrivals = [None] + [arrival_buffer(o) for o in outgoing[1:]]
+                # (or in the copy engines' workspace, when they carry the range)
+                arrivals = [None] + [None if o.layout is not None and group.copy_engine is not None
+                                     else arrival_buffer(o) for o in outgoing[1:]]
                 packed = torch.cuda.Event()
                 packed.record()
             flights = [send(outgoing[0], group)]

@@ -1,0 +1,119 @@
+"""An all-to-all through the GPUs' copy engines: peer copies into a symmetric-memory workspace.
+
+NCCL's all-to-all runs on the SMs, so expert GEMMs issued beside it slow down by about as much as
+the overlap hides; copies between GPUs of one node (NVLink) can run on the copy engines instead and
+leave every SM to the GEMMs. Each rank holds a workspace of the same size, mapped into every peer
+(torch.distributed._symmetric_memory); a transfer writes each rank's rows for peer p straight into
+p's workspace, at the offset p's layout gives them, then a barrier tells every rank its rows have
+arrived. The received rows are laid out exactly as NCCL's all_to_all_single would lay them out.
+
+Every rank must make the same transfers in the same order with the same region sizes (the
+dispatch derives them from the gathered count matrix). A region is only rewritten after a collective
+that every rank's readers of it precede: the dispatch's count exchange, once a layer (see
+`CopyEngineTransport.begin`). Intra-node only (one NVLink domain), CUDA only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+ALIGN = 256  # bytes: every region starts aligned, so rows keep the alignment their layout gives them
+
+
+class Transfer:
+    """A transfer in flight: `wait()` makes the current stream wait until every rank's rows arrived."""
+
+    def __init__(self, done: torch.cuda.Event):
+        self._done = done
+
+    def wait(self) -> None:
+        torch.cuda.current_stream().wait_event(self._done)
+
+
+class CopyEngineTransport:
+    """Variable all-to-alls by peer copies into a symmetric workspace of `workspace_bytes` a rank.
+
+    Collective to build (every rank of `group` at once). Explicitly `destroy()`ed; it holds the
+    workspace until then.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, workspace_bytes: int):
+        import torch.distributed._symmetric_memory as symm
+
+        if device.type != "cuda":
+            raise ValueError(f"CopyEngineTransport needs CUDA devices, got {device}")
+        if workspace_bytes <= 0:
+            raise ValueError(f"CopyEngineTransport: workspace_bytes must be > 0, got {workspace_bytes}")
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.device = device
+        self.bytes = workspace_bytes
+        self._local = symm.empty(workspace_bytes, dtype=torch.uint8, device=device)
+        self._handle = symm.rendezvous(self._local, group.group_name)
+        self._peers = [self._handle.get_buffer(p, (workspace_bytes,), torch.uint8) for p in range(self.world)]
+        self._stream = torch.cuda.Stream(device)  # orders transfers and their barriers, beside compute
+        self._copy_streams = [torch.cuda.Stream(device) for _ in range(self.world)]
+        self._cursor = 0
+
+    def begin(self) -> None:
+        """Start a new round of regions: call right after a collective that every rank's readers of
+        the previous round's regions precede (the count exchange), identically on every rank."""
+        self._cursor = 0
+
+    def start(self, x: torch.Tensor, send_splits: list[int], dst_offsets: list[int], recv_rows: int,
+              region_rows: int, after: torch.cuda.Event | None = None) -> tuple[torch.Tensor, Transfer]:
+        """Send rows of x [N, ...] (send_splits[p] to peer p, in peer order) so that they land at row
+        dst_offsets[p] of p's region; returns my region's first recv_rows rows and the transfer.
+
+        region_rows (the most rows any rank receives in this transfer) must be the same on every rank.
+        The copies wait for `after` when given (x written), else for the current stream.
+        """
+        row_bytes = _row_bytes(x)
+        size = _round_up(region_rows * row_bytes, ALIGN)
+        if self._cursor + size > self.bytes:
+            raise RuntimeError(f"CopyEngineTransport: a round needs more than its {self.bytes} bytes "
+                               f"(at {self._cursor}, {size} more); build it with a larger workspace_bytes")
+        start, self._cursor = self._cursor, self._cursor + size
+        x = x.contiguous()
+        src = x.view(torch.uint8).view(x.shape[0], row_bytes)
+        stream = self._stream
+        if after is None:
+            stream.wait_stream(torch.cuda.current_stream())
+        else:
+            stream.wait_event(after)
+        first = 0
+        for p, rows in enumerate(send_splits):
+            if rows:
+                at = start + dst_offsets[p] * row_bytes
+                copy = self._copy_streams[p]
+                copy.wait_stream(stream)
+                dst = self._peers[p][at:at + rows * row_bytes].view(rows, row_bytes)
+                with torch.cuda.stream(copy):
+                    dst.copy_(src[first:first + rows])
+                stream.wait_stream(copy)
+            first += rows
+        with torch.cuda.stream(stream):
+            self._handle.barrier(channel=0)
+            done = torch.cuda.Event()
+            done.record(stream)
+        x.record_stream(stream)
+        for copy in self._copy_streams:
+            x.record_stream(copy)
+        out = self._local[start:start + recv_rows * row_bytes].view(x.dtype).view(recv_rows, *x.shape[1:])
+        return out, Transfer(done)
+
+    def destroy(self) -> None:
+        """Release the workspace (collective: every rank, once no transfer is in flight)."""
+        torch.cuda.synchronize(self.device)
+        self._peers, self._handle, self._local = [], None, None
+
+
+def _row_bytes(x: torch.Tensor) -> int:
+    n = 1
+    for d in x.shape[1:]:
+        n *= d
+    return n * x.element_size()
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
