@@ -18,7 +18,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from kernels.permute import row_layout
+
 ALIGN = 256  # bytes: every region starts aligned, so rows keep the alignment their layout gives them
+
+
+def workspace_bytes(tokens: int, world: int, hidden: int, top_k: int, dtype: torch.dtype) -> int:
+    """A workspace that holds any exact-dispatch layer of up to `tokens` tokens a rank: the rows that
+    all ranks together can send one rank (a row per token each, with its slot ids and weights) and
+    the results that can come back to one rank (a row per token and destination rank)."""
+    rows_in = world * tokens * row_layout(hidden, top_k, dtype).width * dtype.itemsize
+    rows_back = tokens * min(world, top_k) * hidden * dtype.itemsize
+    return _round_up(rows_in, ALIGN) + _round_up(rows_back, ALIGN)
 
 
 class Transfer:

@@ -47,3 +47,13 @@ def test_a_copy_engine_transport_needs_cuda() -> None:
 
     with pytest.raises(ValueError, match="needs CUDA devices"):
         CopyEngineTransport(None, torch.device("cpu"), 1 << 20)
+
+
+def test_the_copy_engine_workspace_bound_covers_a_layer() -> None:
+    from kernels.permute import row_layout
+    from moe_runtime.copy_engine import workspace_bytes
+
+    need = workspace_bytes(16384, 4, 4096, 8, torch.bfloat16)
+    rows_in = 4 * 16384 * row_layout(4096, 8, torch.bfloat16).width * 2
+    assert need == rows_in + 16384 * 4 * 4096 * 2  # both already 256-byte multiples
+    assert 1.0e9 < need < 1.2e9
