@@ -82,8 +82,8 @@ from moe_runtime.telemetry import TelemetryConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE_SETTLE_STEPS = 4  # rebalanced steps before the profiled ones
-COLUMNS = ["world", "tokens", "micro_batches", "layers", "slots_per_rank", "planner", "static_ms",
-           "rebalanced_ms", "speedup", "speedup_ge_1.3", "migration_steps", "migration_max_ms",
+COLUMNS = ["world", "tokens", "micro_batches", "transport", "layers", "slots_per_rank", "planner",
+           "static_ms", "rebalanced_ms", "speedup", "speedup_ge_1.3", "migration_steps", "migration_max_ms",
            "migration_max_over_median",
            "steps_over_2x", "waiting_steps", "migrated_MB", "gpu_max_min_before", "gpu_max_min_after",
            "balancedness_before", "balancedness_after", "dispatch_ms_max_before", "dispatch_ms_max_after",
@@ -572,11 +572,13 @@ def main(argv: list[str] | None = None) -> int:
                    f"{args.dispatch} dispatch, "
                    f"planner {planner.name if planner else ''}, out {args.out}")
         results = Results(args.out, "loop", COLUMNS, group.rank == 0)
+        transport = "copy engines" if group.copy_engine is not None and args.dispatch == "exact" else "nccl"
         steps: list[dict] = []
         for tokens, micro in [(t, m) for t in args.tokens for m in args.micro_batches]:
             log(group, f"== {tokens} tokens per rank, {micro} micro-batch(es)")
             started = time.perf_counter()
-            key = {"world": group.world, "tokens": tokens, "micro_batches": micro, "layers": cfg.layers}
+            key = {"world": group.world, "tokens": tokens, "micro_batches": micro, "transport": transport,
+                   "layers": cfg.layers}
             record(results, group, key, lambda tokens=tokens, micro=micro: run_case(
                 group, args, tokens, micro, planner, runtime, steps))
             if group.rank == 0:

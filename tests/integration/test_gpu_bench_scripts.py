@@ -28,7 +28,7 @@ def test_loop_gpu_applies_a_plan_and_reports_phases_and_profiles(tmp_path: Path)
              "--micro-batches", "2")
     (row,) = json.loads((tmp_path / "loop.json").read_text())
     assert not row["error"], row
-    assert row["micro_batches"] == 2
+    assert row["micro_batches"] == 2 and row["transport"] == "nccl"
     assert row["plan_state"] == "applied" and row["max_rel_err"] < 1e-4
     assert row["balancedness_after"] < row["balancedness_before"]
     for phase in ("dispatch", "expert", "combine"):
