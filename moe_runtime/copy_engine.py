@@ -15,6 +15,8 @@ that every rank's readers of it precede: the dispatch's count exchange, once a l
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.distributed as dist
 
@@ -92,17 +94,17 @@ class CopyEngineTransport:
             stream.wait_stream(torch.cuda.current_stream())
         else:
             stream.wait_event(after)
-        first = 0
-        for p, rows in enumerate(send_splits):
-            if rows:
-                at = start + dst_offsets[p] * row_bytes
-                copy = self._copy_streams[p]
-                copy.wait_stream(stream)
-                dst = self._peers[p][at:at + rows * row_bytes].view(rows, row_bytes)
-                with torch.cuda.stream(copy):
-                    dst.copy_(src[first:first + rows])
-                stream.wait_stream(copy)
-            first += rows
+        firsts = [0, *accumulate(send_splits)]
+        peers = [p for p, rows in enumerate(send_splits) if rows]
+        for p in peers:  # fork every copy from the same point, so the peers' copies run side by side
+            self._copy_streams[p].wait_stream(stream)
+        for p in peers:
+            at, rows = start + dst_offsets[p] * row_bytes, send_splits[p]
+            dst = self._peers[p][at:at + rows * row_bytes].view(rows, row_bytes)
+            with torch.cuda.stream(self._copy_streams[p]):
+                dst.copy_(src[firsts[p]:firsts[p] + rows])
+        for p in peers:
+            stream.wait_stream(self._copy_streams[p])
         with torch.cuda.stream(stream):
             self._handle.barrier(channel=0)
             done = torch.cuda.Event()
