@@ -59,6 +59,7 @@ from runtime_gpu import (  # noqa: E402
     DTYPES,
     Profiler,
     Results,
+    add_copy_engine_option,
     default_out,
     init_distributed,
     log,
@@ -501,9 +502,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batches", default="1",
                    help="DispatchConfig.micro_batches, comma-separated: one case per tokens x value "
                         "(2+: all-to-alls pipelined with the experts)")
-    p.add_argument("--copy-engine-gb", type=float, default=0.0,
-                   help="exact dispatch by copy engines through a symmetric workspace of this many GB a rank "
-                        "(CUDA; 0: NCCL)")
+    add_copy_engine_option(p)
     p.add_argument("--nccl-high-priority", action="store_true",
                    help="NCCL on high-priority streams (its all-to-alls ahead of the pipelined experts)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="weights and activations")

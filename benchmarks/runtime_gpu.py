@@ -99,6 +99,13 @@ def pin_to_cpus(local_rank: int, local_world: int) -> list[int]:
     return mine
 
 
+def add_copy_engine_option(p: argparse.ArgumentParser) -> None:
+    """--copy-engine-gb, for init_distributed's copy_engine_gb."""
+    p.add_argument("--copy-engine-gb", type=float, default=0.0,
+                   help="exact dispatch by copy engines through a symmetric workspace of this many GB a rank "
+                        "(CUDA; 0: NCCL)")
+
+
 def init_distributed(device: str, timeout_s: float, pin_cpus: bool = True,
                      nccl_high_priority: bool = False, copy_engine_gb: float = 0.0) -> EPGroup:
     """One process per rank from torchrun's environment (or a world of one without it): NCCL on the
@@ -537,9 +544,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--on-parts", default="counters,controller",
                    help="what 'on' adds, for finding what costs: counters (counting in the forward), "
                         "controller (PlanController.after_step: publishing, plan checks)")
-    p.add_argument("--copy-engine-gb", type=float, default=0.0,
-                   help="exact dispatch by copy engines through a symmetric workspace of this many GB a rank "
-                        "(CUDA; 0: NCCL)")
+    add_copy_engine_option(p)
     p.add_argument("--seed", type=int, default=0, help="weights, placements and inputs")
     p.add_argument("--timeout", type=float, default=300, help="collective timeout, seconds")
     p.add_argument("--no-pin-cpus", dest="pin_cpus", action="store_false",

@@ -99,7 +99,7 @@ def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: E
             for r, rr in zip(ranges, routes, strict=True)]
     if arrived is not None:
         arrived.synchronize()  # the layer's one host sync
-    table = host.view(world, world, len(ranges), 1 + k)
+    table = host.view(world, world, len(ranges), 1 + k)  # host memory: the reads below do not sync
     me = group.rank
     outgoing = []
     for i, (buf, rr) in enumerate(zip(bufs, routes, strict=True)):
