@@ -106,7 +106,7 @@ def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: E
         rows = table[:, :, i, 0]  # [source, destination] rows of this range
         send_splits, recv_splits = rows[me].tolist(), rows[:, me].tolist()
         slot_sizes = table[:, me, i, 1:].sum(0).tolist()
-        there, back = peer_layouts(rows, me)
+        there, back = peer_layouts(rows, me) if group.copy_engine is not None else (None, None)
         path = ReturnPath(rr.result, send_splits, recv_splits, back)
         outgoing.append(Outgoing(buf[:sum(send_splits)], path, slot_sizes, there))
     return outgoing, None
