@@ -113,10 +113,9 @@ def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: E
 
 
 def peer_layouts(rows: torch.Tensor, rank: int) -> tuple[PeerLayout, PeerLayout]:
-    """From rows [source, destination] (every rank's send counts, in host memory: reading them does not
-    sync), where `rank`'s rows land at each
-    destination (after the lower ranks', as all_to_all_single lays them out) and where their results
-    land back at each source (in the order the source sent its rows)."""
+    """From rows [source, destination] (every rank's send counts, in host memory: no sync), where
+    `rank`'s rows land at each destination (after the lower ranks', as all_to_all_single lays them
+    out) and where their results land back at each source (in the order the source sent its rows)."""
     there = PeerLayout(rows[:rank].sum(0).tolist(), int(rows.sum(0).max()))
     back = PeerLayout(rows[:, :rank].sum(1).tolist(), int(rows.sum(1).max()))
     return there, back
