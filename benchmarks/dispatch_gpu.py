@@ -14,10 +14,11 @@ row; rank 0 then writes DIR/dispatch.csv, DIR/ffn.csv and DIR/summary.md):
 * dispatch: hidden 7168 bf16, top-8 of 256 experts (64 slots a rank on 4 ranks, one per expert),
   uniformly random distinct experts per token. naive = count exchange with all_to_all_single,
   .tolist(), variable all-to-all of every (token, expert) copy, and back with a weighted sum; ours =
-  moe_runtime.dispatch in exact and capacity mode (no drops). Median us over iterations (CUDA events,
-  a barrier before each), the slowest rank's median reported. wire GB/s: bytes that leave a GPU
-  (both directions) per second; effective GB/s: the bytes the naive path moves off the GPU
-  ((token, expert) copies) over this path's time.
+  moe_runtime.dispatch in exact and capacity mode (no drops); with --copy-engine also exact mode
+  with its rows moved by the copy engines ("exact-ce", `ep_group(copy_engine_bytes=...)`). Median
+  us over iterations (CUDA events, a barrier before each), the slowest rank's median reported. wire
+  GB/s: bytes that leave a GPU (both directions) per second; effective GB/s: the bytes the naive
+  path moves off the GPU ((token, expert) copies) over this path's time.
 * ffn: one GPU per case (the ranks split the cases), DeepSeek-V3 experts (H 7168, I 2048) on 8-40
   local slots, rows each carrying 2 local assignments of 8; run_experts with each backend.
 """
@@ -48,6 +49,7 @@ import torch.distributed as dist  # noqa: E402
 from kernels.expert_ffn import grouped_mm_available  # noqa: E402
 from kernels.permute import drop_overflow, row_layout  # noqa: E402
 from moe_runtime.config import DispatchConfig  # noqa: E402
+from moe_runtime.copy_engine import workspace_bytes  # noqa: E402
 from moe_runtime.dispatch import combine, dispatch  # noqa: E402
 from moe_runtime.experts import run_experts  # noqa: E402
 from moe_runtime.group import EPGroup, ep_group  # noqa: E402
@@ -186,7 +188,10 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-30)).item()
 
 
-def bench_dispatch(group: EPGroup, shape: Shape, tokens: int, method: str, args) -> dict:
+def bench_dispatch(group: EPGroup, shape: Shape, tokens: int, method: str, args,
+                   copy_engine: EPGroup | None = None) -> dict:
+    if method == "exact-ce":  # exact mode with the rows on the copy engines (same world, CE transport)
+        group, method = copy_engine, "exact"
     device, world = group.device, group.world
     per_rank = shape.experts // world
     phys, weights = routing(tokens, shape, device, seed=1000 + group.rank)
@@ -374,6 +379,10 @@ def report(out: Path, world: int) -> None:
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
+def shape_of(args: argparse.Namespace) -> Shape:
+    return TINY if args.tiny else DEEPSEEK_V3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -386,6 +395,8 @@ def main() -> None:
     ap.add_argument("--ffn-slots", default="8,16,32,40")
     ap.add_argument("--ffn-rows", default="8,32,128,512,2048", help="assignments per slot")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: check,dispatch,ffn")
+    ap.add_argument("--copy-engine", action="store_true",
+                    help="also time exact mode with the rows moved by the copy engines (method exact-ce)")
     ap.add_argument("--report-only", type=int, metavar="WORLD", help="rebuild the tables from DIR's rows")
     args = ap.parse_args()
     if args.report_only:
@@ -404,9 +415,15 @@ def main() -> None:
     else:
         dist.init_process_group("gloo", timeout=timeout)
     group = ep_group()
+    copy_engine = None
+    if args.copy_engine and group.device.type == "cuda":
+        shape = shape_of(args)
+        most = max(int(t) for t in args.tokens.split(","))
+        size = workspace_bytes(most, group.world, shape.hidden, shape.top_k, torch.bfloat16)
+        copy_engine = ep_group(copy_engine_bytes=size)
     args.out.mkdir(parents=True, exist_ok=True)
     sink = Sink(args.out, group.rank)
-    shape = TINY if args.tiny else DEEPSEEK_V3
+    shape = shape_of(args)
     tokens = [int(t) for t in args.tokens.split(",")]
     base = dict(rank=group.rank, world=group.world, hidden=shape.hidden, top_k=shape.top_k)
 
@@ -415,12 +432,13 @@ def main() -> None:
                 lambda: check_gpu_path(group, shape, tokens[min(1, len(tokens) - 1)]))
     if "dispatch" not in skip:
         # graph capture last: a capture that fails can leave the communicator unusable
-        methods = [(t, m) for m in ("naive", "exact", "capacity") for t in tokens]
+        names = ("naive", "exact", "capacity") + (("exact-ce",) if copy_engine else ())
+        methods = [(t, m) for m in names for t in tokens]
         if group.device.type == "cuda":
             methods += [(t, "capacity-graph") for t in tokens]
         for t, method in methods:
             guarded(sink, "dispatch", dict(base, tokens=t, method=method),
-                    lambda t=t, m=method: bench_dispatch(group, shape, t, m, args))
+                    lambda t=t, m=method: bench_dispatch(group, shape, t, m, args, copy_engine))
     if "ffn" not in skip:
         slot_counts, row_counts = (list(map(int, a.split(","))) for a in (args.ffn_slots, args.ffn_rows))
         cases = [(s, m) for s in slot_counts for m in row_counts]
@@ -436,6 +454,8 @@ def main() -> None:
     if group.rank == 0:
         report(args.out, group.world)
         print((args.out / "summary.md").read_text())
+    if copy_engine is not None:
+        copy_engine.copy_engine.destroy()
     dist.destroy_process_group()
 
 
