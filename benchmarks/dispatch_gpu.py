@@ -41,10 +41,12 @@ from pathlib import Path
 
 if not __package__:  # run as a file: the repository's packages must come first
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path.append(str(Path(__file__).resolve().parent))  # runtime_gpu as a file, not benchmarks.runtime_gpu
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from runtime_gpu import pin_to_cpus  # noqa: E402
 
 from kernels.expert_ffn import grouped_mm_available  # noqa: E402
 from kernels.permute import drop_overflow, row_layout  # noqa: E402
@@ -410,6 +412,7 @@ def main() -> None:
     timeout = datetime.timedelta(seconds=180)  # a rank stuck in a collective fails instead of hanging
     if args.device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        pin_to_cpus(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # as the other GPU benches
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
     else:

@@ -95,8 +95,13 @@ class CopyEngineTransport:
         else:
             stream.wait_event(after)
         firsts = [0, *accumulate(send_splits)]
-        peers = [p for p, rows in enumerate(send_splits) if rows]
-        for p in peers:  # fork every copy from the same point, so the peers' copies run side by side
+        # A GPU runs its peer copies one after another, in the order issued, each at about the
+        # NVLink's full rate; rank r sends to r + 1, r + 2, ... so each peer has one writer at a time
+        # (in peer order every rank first wrote to rank 0: 1.8 ms for what took 1.1). Its own rows
+        # first: that copy stays on the GPU and runs beside the first peer copy.
+        order = [(self.rank + i) % self.world for i in range(self.world)]
+        peers = [p for p in order if send_splits[p]]
+        for p in peers:
             self._copy_streams[p].wait_stream(stream)
         for p in peers:
             at, rows = start + dst_offsets[p] * row_bytes, send_splits[p]
