@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -99,7 +100,9 @@ def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: E
             for r, rr in zip(ranges, routes, strict=True)]
     if arrived is not None:
         arrived.synchronize()  # the layer's one host sync
-    table = host.view(world, world, len(ranges), 1 + k)  # host memory: the reads below do not sync
+    # numpy on the host copy: this runs between the counts' arrival and the all-to-all's launch, while
+    # the GPU waits; the same reads as torch ops on a CPU tensor took about 3x as long (40 vs 14 us).
+    table = host.numpy().reshape(world, world, len(ranges), 1 + k)
     me = group.rank
     outgoing = []
     for i, (buf, rr) in enumerate(zip(bufs, routes, strict=True)):
@@ -112,8 +115,8 @@ def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: E
     return outgoing, None
 
 
-def peer_layouts(rows: torch.Tensor, rank: int) -> tuple[PeerLayout, PeerLayout]:
-    """From rows [source, destination] (every rank's send counts, in host memory: no sync), where
+def peer_layouts(rows: np.ndarray, rank: int) -> tuple[PeerLayout, PeerLayout]:
+    """From rows [source, destination] (every rank's send counts, on the host), where
     `rank`'s rows land at each destination (after the lower ranks', as all_to_all_single lays them
     out) and where their results land back at each source (in the order the source sent its rows)."""
     there = PeerLayout(rows[:rank].sum(0).tolist(), int(rows.sum(0).max()))
