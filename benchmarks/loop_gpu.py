@@ -9,7 +9,8 @@ Launch one process per GPU from the repository root:
 The model is Qwen3-235B-A22B-shaped (hidden 4096, expert intermediate 1536, 128 experts, top-8) with
 --layers layers, bf16, exact dispatch, 128 / world + --extra-slots slots a rank, and a router skewed by
 moe_runtime.demo_rank.zipf_router_bias (LogicalWeights.router_bias). Each token count and
---micro-batches value (2: the all-to-alls pipelined with the experts in two token ranges) is one case:
+--micro-batches value (2: the all-to-alls pipelined with the experts in two token ranges of each layer;
+2i: two ranges interleaved through the whole stack, DispatchConfig.interleave) is one case:
 
     warm-up -> static (--static-steps) -> plan requested -> waiting -> migration -> rebalanced
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import shutil
 import signal
 import socket
@@ -359,7 +361,8 @@ def serve(group: EPGroup, args: argparse.Namespace, stack: EPMoEStack, controlle
     static_end = args.warmup + args.static_steps
     trace, check_next, requested, step = Trace(), False, 0.0, 0
     tokens = inputs[0].shape[0]
-    micro = stack.layers[0].dispatch_config.micro_batches
+    config = stack.layers[0].dispatch_config
+    micro = f"{config.micro_batches}{'i' * config.interleave}"
     profiled = {when: Profiler(group, args.out / f"profile-t{tokens}-m{micro}-{when}")
                 for when in ("static", "rebalanced")} if args.profile_steps else {}
     rebalanced_profile = None  # the steps [first, last) profiled after the switch
@@ -417,15 +420,16 @@ def serve(group: EPGroup, args: argparse.Namespace, stack: EPMoEStack, controlle
                 return trace
 
 
-def run_case(group: EPGroup, args: argparse.Namespace, tokens: int, micro_batches: int, planner,
+def run_case(group: EPGroup, args: argparse.Namespace, tokens: int, micro: str, planner,
              runtime: Path, steps_out: list[dict]) -> dict:
     cfg, dtype, device = model_config(args), DTYPES[args.dtype], group.device
     k = cfg.experts // group.world + args.extra_slots
-    job = f"loop-w{group.world}-t{tokens}-m{micro_batches}"
+    job = f"loop-w{group.world}-t{tokens}-m{micro}"
     skew = zipf_router_bias(cfg.layers, cfg.experts, args.skew, args.seed + 1)
     placement = RuntimePlacement.initial(cfg.layers, cfg.experts, group.world, k, device)
     counters = Counters(cfg.layers, cfg.experts, k, device)
-    dispatch = DispatchConfig(args.dispatch, micro_batches=micro_batches)
+    dispatch = DispatchConfig(args.dispatch, micro_batches=int(micro.rstrip("i")),
+                              interleave=micro.endswith("i"))
     stack = EPMoEStack(cfg, group, placement, dispatch=dispatch, counters=counters, dtype=dtype)
     weights = load_layers(stack, lambda i: device_weights(cfg, i, args.seed, device, dtype, skew[i]),
                           keep=args.reference)
@@ -447,7 +451,7 @@ def run_case(group: EPGroup, args: argparse.Namespace, tokens: int, micro_batche
     migrated = sum_over_ranks(controller.migrated_bytes, group)
     err = max_over_ranks([trace.max_rel_err], group)[0]
     dist.barrier()  # every ring is flushed and closed
-    steps_out.extend({"world": group.world, "tokens": tokens, "micro_batches": micro_batches, "step": i,
+    steps_out.extend({"world": group.world, "tokens": tokens, "micro_batches": micro, "step": i,
                       "phase": p, "ms": round(ms, 4)}
                      for i, (p, ms) in enumerate(zip(trace.phases, step_ms, strict=True)))
     by_phase = {p: [ms for ms, q in zip(step_ms, trace.phases, strict=True) if q == p]
@@ -501,7 +505,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="exact: variable all-to-all (one sync a layer); capacity: padded, no sync")
     p.add_argument("--micro-batches", default="1",
                    help="DispatchConfig.micro_batches, comma-separated: one case per tokens x value "
-                        "(2+: all-to-alls pipelined with the experts)")
+                        "(2+: all-to-alls pipelined with the experts in each layer; with a trailing i, "
+                        "e.g. 2i, the ranges interleaved through the stack: DispatchConfig.interleave)")
     add_copy_engine_option(p)
     p.add_argument("--nccl-high-priority", action="store_true",
                    help="NCCL on high-priority streams (its all-to-alls ahead of the pipelined experts)")
@@ -538,9 +543,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--profile-steps must fit in --static-steps and, after {PROFILE_SETTLE_STEPS} steps, "
                 "in --rebalanced-steps")
     args.tokens = [int(t) for t in args.tokens.split(",")]
-    args.micro_batches = [int(m) for m in args.micro_batches.split(",")]
-    if min(args.micro_batches) < 1:
-        p.error("--micro-batches: every value must be >= 1")
+    args.micro_batches = args.micro_batches.split(",")
+    if not all(re.fullmatch(r"[1-9][0-9]*i?", m) for m in args.micro_batches):
+        p.error(f"--micro-batches: every value must be a count >= 1, with an optional trailing i, "
+                f"got {','.join(args.micro_batches)}")
     return args
 
 

@@ -9,12 +9,13 @@ Sections (--sections, default all):
 
 * equivalence: EPMoEStack against moe_runtime.reference.dense_stack (each rank computes the reference
   over every rank's tokens with the same weights) for both routings (Qwen3 softmax, DeepSeek-V3
-  sigmoid_grouped with groups), both dispatch modes, each whole and pipelined in two micro-batches
-  (NCCL's stream beside the compute stream), and a random placement with replicas (S > E), float32.
+  sigmoid_grouped with groups), both dispatch modes, each whole, pipelined in two micro-batches
+  (NCCL's stream beside the compute stream) and in two ranges interleaved through the stack (a
+  stream each), and a random placement with replicas (S > E), float32.
   Reports the max relative error, the same on every rank (all-reduced).
 * sync: host syncs per forward counted with torch.cuda.set_sync_debug_mode("warn") (capacity mode:
-  0 expected; exact mode: one per layer, for the split sizes; the same pipelined), and the capacity-mode
-  forward run under set_sync_debug_mode("error"). CUDA only.
+  0 expected; exact mode: one per layer, for the split sizes; the same pipelined; one per layer and
+  range interleaved), and the capacity-mode forward run under set_sync_debug_mode("error"). CUDA only.
 * overhead: step time with counters + telemetry (a PlanController publishing every 16 steps into a
   temp runtime dir) on against off (counters=None, no controller), same stack, on/off segments
   interleaved in ABBA order to cancel drift; Qwen3-235B and DeepSeek-V3 shapes with the layers
@@ -236,6 +237,8 @@ DISPATCH = {
     "capacity": DispatchConfig("capacity"),
     "exact-pipelined": DispatchConfig("exact", micro_batches=2),
     "capacity-pipelined": DispatchConfig("capacity", micro_batches=2),
+    "exact-interleaved": DispatchConfig("exact", micro_batches=2, interleave=True),
+    "capacity-interleaved": DispatchConfig("capacity", micro_batches=2, interleave=True),
 }
 
 
@@ -302,8 +305,9 @@ def sync_case(group: EPGroup, model: str, mode: str, tokens: int, seed: int) -> 
         syncs = count_syncs(lambda: stack(x))
         # Decide on the error-mode run together, so no rank raises while the others are in a collective.
         most = int(max_over_ranks([syncs], group)[0])
-        capacity = DISPATCH[mode].mode == "capacity"
-        expected = 0 if capacity else cfg.layers
+        config = DISPATCH[mode]
+        capacity = config.mode == "capacity"
+        expected = 0 if capacity else cfg.layers * (config.micro_batches if config.interleave else 1)
         row = {"layers": cfg.layers, "syncs_per_forward": most, "expected": expected}
         if capacity and most == 0:
             torch.cuda.set_sync_debug_mode("error")

@@ -90,11 +90,20 @@ class DispatchConfig:
     Every rank issues one all-to-all pair per range, so every rank must use the same value; it is read
     on every forward, so an engine can switch it per step (on all ranks alike), e.g. on for prefill
     batches, where the all-to-alls take milliseconds, and off for decode.
+
+    interleave (with micro_batches > 1) runs the ranges through the whole stack side by side instead
+    (two-batch overlap): each range has its own count exchange (a host sync per range and layer) and,
+    on a GPU, its own stream, and a range's count exchange and all-to-alls run while another range's
+    experts compute, so only the first range's first dispatch and the last range's last combine are
+    not hidden. Each range is routed on its own, so an expert's replicas share out each range's
+    assignments evenly (not the whole batch's). `EPMoEStack` reads it from its first layer; phases
+    are not timed in this mode (they overlap).
     """
 
     mode: str = "exact"
     capacity_factor: float | None = None
     micro_batches: int = 1
+    interleave: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in DISPATCH_MODES:

@@ -10,7 +10,9 @@ arrived. The received rows are laid out exactly as NCCL's all_to_all_single woul
 Every rank must make the same transfers in the same order with the same region sizes (the
 dispatch derives them from the gathered count matrix). A region is only rewritten after a collective
 that every rank's readers of it precede: the dispatch's count exchange, once a layer (see
-`CopyEngineTransport.begin`). Intra-node only (one NVLink domain), CUDA only.
+`CopyEngineTransport.begin`). Token ranges that run through the layers interleaved each have their
+own count exchange, so each gets a lane: an equal part of the workspace with its own regions.
+Intra-node only (one NVLink domain), CUDA only.
 """
 
 from __future__ import annotations
@@ -66,27 +68,35 @@ class CopyEngineTransport:
         self._peers = [self._handle.get_buffer(p, (workspace_bytes,), torch.uint8) for p in range(self.world)]
         self._stream = torch.cuda.Stream(device)  # orders transfers and their barriers, beside compute
         self._copy_streams = [torch.cuda.Stream(device) for _ in range(self.world)]
-        self._cursor = 0
+        self._lanes = {0: [0, workspace_bytes]}  # lane -> [next region's offset, end of the lane]
 
-    def begin(self) -> None:
-        """Start a new round of regions: call right after a collective that every rank's readers of
-        the previous round's regions precede (the count exchange), identically on every rank."""
-        self._cursor = 0
+    def begin(self, lane: int = 0, lanes: int = 1) -> None:
+        """Start a new round of regions in `lane` of `lanes` equal parts of the workspace: call right
+        after a collective that every rank's readers of that lane's previous regions precede (the
+        count exchange), identically on every rank."""
+        if not 0 <= lane < lanes:
+            raise ValueError(f"CopyEngineTransport: lane {lane} outside {lanes} lanes")
+        size = self.bytes // lanes // ALIGN * ALIGN
+        self._lanes[lane] = [lane * size, (lane + 1) * size]
 
     def start(self, x: torch.Tensor, send_splits: list[int], dst_offsets: list[int], recv_rows: int,
-              region_rows: int, after: torch.cuda.Event | None = None) -> tuple[torch.Tensor, Transfer]:
+              region_rows: int, after: torch.cuda.Event | None = None,
+              lane: int = 0) -> tuple[torch.Tensor, Transfer]:
         """Send rows of x [N, ...] (send_splits[p] to peer p, in peer order) so that they land at row
         dst_offsets[p] of p's region; returns my region's first recv_rows rows and the transfer.
 
         region_rows (the most rows any rank receives in this transfer) must be the same on every rank.
-        The copies wait for `after` when given (x written), else for the current stream.
+        The copies wait for `after` when given (x written), else for the current stream. The region
+        is the next one in `lane` (see `begin`).
         """
         row_bytes = _row_bytes(x)
         size = _round_up(region_rows * row_bytes, ALIGN)
-        if self._cursor + size > self.bytes:
-            raise RuntimeError(f"CopyEngineTransport: a round needs more than its {self.bytes} bytes "
-                               f"(at {self._cursor}, {size} more); build it with a larger workspace_bytes")
-        start, self._cursor = self._cursor, self._cursor + size
+        cursor = self._lanes[lane]
+        start, end = cursor
+        if start + size > end:
+            raise RuntimeError(f"CopyEngineTransport: a round needs more than its lane's {end - start} bytes "
+                               f"left ({size}); build it with a larger workspace_bytes")
+        cursor[0] = start + size
         x = x.contiguous()
         src = x.view(torch.uint8).view(x.shape[0], row_bytes)
         stream = self._stream

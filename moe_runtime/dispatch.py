@@ -60,12 +60,15 @@ class InFlight(NamedTuple):
 
 
 def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: EPGroup, slots_per_rank: int,
-            config: DispatchConfig, ranges: Sequence[slice]) -> tuple[list[Outgoing], torch.Tensor | None]:
+            config: DispatchConfig, ranges: Sequence[slice], lane: int = 0,
+            lanes: int = 1) -> tuple[list[Outgoing], torch.Tensor | None]:
     """Pack each token range of x [T, H] for the physical slots phys [T, k] (weights [T, k]).
 
     The drop policy sees the whole batch, so the ranges drop exactly what one batch would. Exact mode
     exchanges every range's counts in one all-to-all and reads them with the layer's one host sync.
-    Returns the packed ranges and the assignments dropped (None where none can be).
+    With a copy-engine transport the rows travel in its lane `lane` of `lanes` (one a batch that runs
+    through the layers beside others, see `EPMoEStack`). Returns the packed ranges and the assignments
+    dropped (None where none can be).
     """
     world, k = group.world, slots_per_rank
     tokens, top_k = phys.shape
@@ -92,7 +95,7 @@ def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: E
     counts = counts[0] if len(counts) == 1 else torch.cat(counts, 1)  # [W, ranges * (1 + K)]; no copy for one
     gathered = group.all_gather(counts)  # [source, destination, ranges * (1 + K)]: every rank's counts
     if group.copy_engine is not None:
-        group.copy_engine.begin()  # every rank's readers of the last layer's regions preceded the gather
+        group.copy_engine.begin(lane, lanes)  # every rank's readers of the lane's regions preceded the gather
     host, arrived = _start_host_copy(gathered)
     # Pack before waiting for the counts: the GPU packs while the host wakes up, instead of idling until
     # the host has read the counts and launched the pack. A range sends at most min(W, top_k) rows a token.
@@ -109,18 +112,18 @@ def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: E
         rows = table[:, :, i, 0]  # [source, destination] rows of this range
         send_splits, recv_splits = rows[me].tolist(), rows[:, me].tolist()
         slot_sizes = table[:, me, i, 1:].sum(0).tolist()
-        there, back = peer_layouts(rows, me) if group.copy_engine is not None else (None, None)
+        there, back = peer_layouts(rows, me, lane) if group.copy_engine is not None else (None, None)
         path = ReturnPath(rr.result, send_splits, recv_splits, back)
         outgoing.append(Outgoing(buf[:sum(send_splits)], path, slot_sizes, there))
     return outgoing, None
 
 
-def peer_layouts(rows: np.ndarray, rank: int) -> tuple[PeerLayout, PeerLayout]:
+def peer_layouts(rows: np.ndarray, rank: int, lane: int = 0) -> tuple[PeerLayout, PeerLayout]:
     """From rows [source, destination] (every rank's send counts, on the host), where
     `rank`'s rows land at each destination (after the lower ranks', as all_to_all_single lays them
     out) and where their results land back at each source (in the order the source sent its rows)."""
-    there = PeerLayout(rows[:rank].sum(0).tolist(), int(rows.sum(0).max()))
-    back = PeerLayout(rows[:, :rank].sum(1).tolist(), int(rows.sum(1).max()))
+    there = PeerLayout(rows[:rank].sum(0).tolist(), int(rows.sum(0).max()), lane)
+    back = PeerLayout(rows[:, :rank].sum(1).tolist(), int(rows.sum(1).max()), lane)
     return there, back
 
 

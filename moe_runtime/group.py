@@ -16,10 +16,12 @@ BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
 
 class PeerLayout(NamedTuple):
     """Where one rank's rows land in every peer's receive region (what a copy-engine transfer needs
-    beyond the split sizes): dst_offsets[p] rows into p's region, of region_rows rows on every rank."""
+    beyond the split sizes): dst_offsets[p] rows into p's region, of region_rows rows on every rank,
+    in the transport's lane `lane`."""
 
     dst_offsets: list[int]
     region_rows: int
+    lane: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ class EPGroup:
             return x, None
         if by_copy_engine:
             rows = sum(out_splits)
-            return self.copy_engine.start(x, in_splits, layout.dst_offsets, rows, layout.region_rows, after)
+            return self.copy_engine.start(x, in_splits, layout.dst_offsets, rows, layout.region_rows, after,
+                                          layout.lane)
         rows = x.shape[0] if out_splits is None else sum(out_splits)
         if out is None:
             out = x.new_empty((rows, *x.shape[1:]))

@@ -7,13 +7,16 @@ from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.route import route
+from kernels.route import RouteOutput, route
 from moe_runtime.config import NORM_EPS, DispatchConfig, MoEConfig
+from moe_runtime.copy_engine import Transfer
 from moe_runtime.counters import Counters
 from moe_runtime.dispatch import (
+    InFlight,
     Received,
     arrival_buffer,
     combine_returned,
@@ -64,6 +67,14 @@ class _LayerCounters(NamedTuple):
     dropped: torch.Tensor
     bias_changed: torch.Tensor
     record: torch.Tensor
+
+
+class Sent(NamedTuple):
+    """One batch on its way to its experts (`EPMoELayer.begin`)."""
+
+    flight: InFlight
+    changed: torch.Tensor           # 0-d int64: assignments the selection bias changed
+    dropped: torch.Tensor | None    # 0-d int64 assignments dropped at the source; None where none can be
 
 
 class EPMoELayer(nn.Module):
@@ -133,22 +144,56 @@ class EPMoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.cfg.hidden:
             raise ValueError(f"EPMoELayer takes [tokens, {self.cfg.hidden}], got {list(x.shape)}")
-        c, layer, pl = self._rows, self.layer, self.placement
-        r = route(F.linear(x, self.router, self.router_bias), self.spec, correction_bias=self.correction_bias,
-                  selection_bias=self.selection_bias, counts=None if c is None else c.routed,
-                  record=None if c is None else c.record)
-        phys = choose_replicas(r.ids, pl.log_to_phys[layer], pl.replicas[layer], offset=self.group.rank)
+        r, phys = self._route(x)
         ranges = self.dispatch_config.token_ranges(x.shape[0])
         if len(ranges) == 1:
             out, dropped = self._whole(x, phys, r.weights)
         else:
             out, dropped = self._pipelined(x, phys, r.weights, ranges)
-        if c is not None:  # gated by the device flag
-            if self.selection_bias is not None:
-                c.bias_changed.addcmul_(r.changed, c.record)
-            if dropped is not None:
-                c.dropped.addcmul_(dropped, c.record)
+        self.account(r.changed, dropped)
         return out
+
+    def _route(self, x: torch.Tensor) -> tuple[RouteOutput, torch.Tensor]:
+        """The routing of x and the physical slot of each assignment."""
+        c, layer, pl = self._rows, self.layer, self.placement
+        r = route(F.linear(x, self.router, self.router_bias), self.spec, correction_bias=self.correction_bias,
+                  selection_bias=self.selection_bias, counts=None if c is None else c.routed,
+                  record=None if c is None else c.record)
+        return r, choose_replicas(r.ids, pl.log_to_phys[layer], pl.replicas[layer], offset=self.group.rank)
+
+    def account(self, changed: torch.Tensor, dropped: torch.Tensor | None) -> None:
+        """Add a forward's bias-changed and dropped assignments to the counters (gated by the device flag)."""
+        c = self._rows
+        if c is None:
+            return
+        if self.selection_bias is not None:
+            c.bias_changed.addcmul_(changed, c.record)
+        if dropped is not None:
+            c.dropped.addcmul_(dropped, c.record)
+
+    # The steps of one batch, in order, for a caller that interleaves batches (EPMoEStack): every rank
+    # must take the same steps in the same order.
+
+    def begin(self, x: torch.Tensor, lane: int = 0, lanes: int = 1) -> Sent:
+        """Route x [T, H] (normed), exchange counts (exact mode: the host sync) and start its dispatch;
+        with a copy-engine transport its rows travel in lane `lane` of `lanes`."""
+        r, phys = self._route(x)
+        (outgoing,), dropped = prepare(x, phys, r.weights, self.group, self.placement.slots_per_rank,
+                                       self.dispatch_config, [slice(0, x.shape[0])], lane, lanes)
+        return Sent(send(outgoing, self.group), r.changed, dropped)
+
+    def experts(self, sent: Sent) -> torch.Tensor:
+        """Wait for the dispatch and run the local experts: [R, H], one result a received row."""
+        return self._experts(receive(sent.flight, self.cfg.hidden, self.cfg.top_k))
+
+    def return_results(self, y: torch.Tensor, sent: Sent) -> tuple[torch.Tensor, dist.Work | Transfer | None]:
+        """Start sending the results back to their source ranks."""
+        return send_back(y, sent.flight.outgoing.path, self.group)
+
+    def end(self, x: torch.Tensor, returning: tuple[torch.Tensor, dist.Work | Transfer | None],
+            sent: Sent) -> torch.Tensor:
+        """The layer's output for x: the shared experts (while the results travel) plus the results."""
+        return combine_returned(*returning, sent.flight.outgoing.path, add=self._shared(x), dtype=x.dtype)
 
     def _experts(self, recv: Received) -> torch.Tensor:
         c = self._rows  # received per slot is counted inside the expert path
@@ -239,6 +284,85 @@ class EPMoEStack(nn.Module):
             layer.load_weights(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        config = self.layers[0].dispatch_config
+        ranges = config.token_ranges(x.shape[0])
+        if config.interleave and len(ranges) > 1:
+            return self._interleaved(x, ranges)
         for layer in self.layers:
-            x = x + layer(F.rms_norm(x, (x.shape[1],), eps=NORM_EPS))
+            x = x + layer(_norm(x))
         return x
+
+    def _interleaved(self, x: torch.Tensor, ranges: list[slice]) -> torch.Tensor:
+        """The token ranges side by side through the layers (DispatchConfig.interleave).
+
+        Issue order, for ranges A and B: A and B begin layer 0; A's experts, its results sent back;
+        then for each layer, and each range in turn, its experts, then the previous range's end and
+        begin of its next layer (whose count exchange makes the host wait while these experts run),
+        then its results sent back. NCCL and the copy engines each run their transfers in issue
+        order, so no range's count exchange or dispatch is queued behind another range's experts.
+        """
+        n, layers = len(ranges), self.layers
+        streams = _range_streams(x, n)
+        xs = [x[r] for r in ranges]
+        normed: list[torch.Tensor | None] = [None] * n
+        sent: list[Sent | None] = [None] * n
+        back: list[tuple | None] = [None] * n
+        per_layer: list[list[Sent]] = [[] for _ in layers]
+
+        def begin(i: int, layer: int) -> None:
+            with _on(streams[i]):
+                normed[i] = _norm(xs[i])
+                sent[i] = layers[layer].begin(normed[i], i, n)
+            per_layer[layer].append(sent[i])
+
+        def end(i: int, layer: int) -> None:
+            with _on(streams[i]):
+                xs[i] = xs[i] + layers[layer].end(normed[i], back[i], sent[i])
+
+        for i in range(n):
+            begin(i, 0)
+        previous = None
+        for layer_index, layer in enumerate(layers):
+            for i in range(n):
+                with _on(streams[i]):
+                    y = layer.experts(sent[i])
+                if previous is not None:
+                    end(*previous)
+                    if previous[1] + 1 < len(layers):
+                        begin(previous[0], previous[1] + 1)
+                with _on(streams[i]):
+                    back[i] = layer.return_results(y, sent[i])
+                previous = (i, layer_index)
+        end(*previous)
+        for stream in streams[1:]:
+            if stream is not None:
+                streams[0].wait_stream(stream)
+        for layer, sents in zip(layers, per_layer, strict=True):
+            dropped = [s.dropped for s in sents if s.dropped is not None]
+            layer.account(sum(s.changed for s in sents), sum(dropped) if dropped else None)
+        return torch.cat(xs)
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[1],), eps=NORM_EPS)
+
+
+_RANGE_STREAMS: dict[torch.device, list[torch.cuda.Stream]] = {}
+
+
+def _range_streams(x: torch.Tensor, n: int) -> list[torch.cuda.Stream | None]:
+    """A stream for each of n interleaved ranges of x: the current one, then side streams that wait
+    for it (x is written); None each on CPU, where every op completes in order."""
+    if not x.is_cuda:
+        return [None] * n
+    side = _RANGE_STREAMS.setdefault(x.device, [])
+    while len(side) < n - 1:
+        side.append(torch.cuda.Stream(x.device))
+    current = torch.cuda.current_stream(x.device)
+    for stream in side[:n - 1]:
+        stream.wait_stream(current)
+    return [current, *side[:n - 1]]
+
+
+def _on(stream: torch.cuda.Stream | None):
+    return nullcontext() if stream is None else torch.cuda.stream(stream)

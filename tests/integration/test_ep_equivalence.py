@@ -47,13 +47,15 @@ CONFIGS = {
 EXACT_TOKENS = (13, 0, 7, 20)  # uneven, one rank idle: exact mode allows it
 CAPACITY_TOKENS = 12           # capacity mode needs the same count on every rank
 DROP_FACTOR, DROP_TOKENS = 1.0, 16  # capacity ceil(16 * 4 / 24) = 3 a slot
-# Pipelined (micro-batched) forwards must equal the whole-batch ones; 3 ranges of EXACT_TOKENS
-# include empty ones (the idle rank's) and ranges of one token.
+# Pipelined (micro-batched) and interleaved forwards must equal the whole-batch ones; 3 ranges of
+# EXACT_TOKENS include empty ones (the idle rank's) and ranges of one token.
 DISPATCH = {
     "exact": DispatchConfig("exact"),
     "capacity": DispatchConfig("capacity"),
     "exact-pipelined": DispatchConfig("exact", micro_batches=3),
     "capacity-pipelined": DispatchConfig("capacity", micro_batches=2),
+    "exact-interleaved": DispatchConfig("exact", micro_batches=3, interleave=True),
+    "capacity-interleaved": DispatchConfig("capacity", micro_batches=2, interleave=True),
 }
 
 
@@ -218,7 +220,9 @@ def test_ep_forward_and_counters_match_dense_reference(world: int) -> None:
             for src, run in enumerate(runs):
                 ids, unbiased = run["ids"][layer], run["unbiased"][layer]
                 assert np.array_equal(run["routed"][layer], np.bincount(ids.reshape(-1), minlength=E))
-                np.add.at(received, replica_slots(ids, row, src).reshape(-1), 1)
+                config = DISPATCH[mode]  # interleaved ranges each spread their assignments over replicas
+                for part in config.token_ranges(len(ids)) if config.interleave else [slice(None)]:
+                    np.add.at(received, replica_slots(ids[part], row, src).reshape(-1), 1)
                 changed = sum(len(set(a) - set(b))
                               for a, b in zip(ids.tolist(), unbiased.tolist(), strict=True))
                 assert run["bias_changed"][layer] == changed

@@ -28,7 +28,7 @@ def test_loop_gpu_applies_a_plan_and_reports_phases_and_profiles(tmp_path: Path)
              "--micro-batches", "2")
     (row,) = json.loads((tmp_path / "loop.json").read_text())
     assert not row["error"], row
-    assert row["micro_batches"] == 2 and row["transport"] == "nccl"
+    assert row["micro_batches"] == "2" and row["transport"] == "nccl"
     assert row["plan_state"] == "applied" and row["max_rel_err"] < 1e-4
     assert row["balancedness_after"] < row["balancedness_before"]
     for phase in ("dispatch", "expert", "combine"):
@@ -38,6 +38,15 @@ def test_loop_gpu_applies_a_plan_and_reports_phases_and_profiles(tmp_path: Path)
         for rank in (0, 1):
             assert (tmp_path / f"profile-t64-m2-{when}-rank{rank}.txt").stat().st_size > 0
     assert (tmp_path / "steps.csv").exists()
+
+
+def test_loop_gpu_interleaved_ranges_apply_a_plan_with_outputs_unchanged(tmp_path: Path) -> None:
+    torchrun("loop_gpu.py", tmp_path, "--planner-tolerance", "0.01", "--micro-batches", "2i", "--reference")
+    (row,) = json.loads((tmp_path / "loop.json").read_text())
+    assert not row["error"], row
+    assert row["micro_batches"] == "2i"
+    assert row["plan_state"] == "applied" and row["max_rel_err"] < 1e-4
+    assert row["balancedness_after"] < row["balancedness_before"]
 
 
 def test_runtime_gpu_overhead_ablation_and_write_from(tmp_path: Path) -> None:
@@ -52,5 +61,6 @@ def test_runtime_gpu_overhead_ablation_and_write_from(tmp_path: Path) -> None:
 def test_runtime_gpu_equivalence_whole_and_pipelined(tmp_path: Path) -> None:
     torchrun("runtime_gpu.py", tmp_path, "--sections", "equivalence", "--eq-tokens", "24")
     rows = json.loads((tmp_path / "equivalence.json").read_text())
-    assert {r["mode"] for r in rows} == {"exact", "capacity", "exact-pipelined", "capacity-pipelined"}
+    assert {r["mode"] for r in rows} == {"exact", "capacity", "exact-pipelined", "capacity-pipelined",
+                                         "exact-interleaved", "capacity-interleaved"}
     assert all(r["ok"] and not r["error"] for r in rows), rows
