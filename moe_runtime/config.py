@@ -92,12 +92,12 @@ class DispatchConfig:
     batches, where the all-to-alls take milliseconds, and off for decode.
 
     interleave (with micro_batches > 1) runs the ranges through the whole stack side by side instead
-    (two-batch overlap): each range has its own count exchange (a host sync per range and layer) and,
-    on a GPU, its own stream, and a range's count exchange and all-to-alls run while another range's
-    experts compute, so only the first range's first dispatch and the last range's last combine are
-    not hidden. Each range is routed on its own, so an expert's replicas share out each range's
-    assignments evenly (not the whole batch's). `EPMoEStack` reads it from its first layer; phases
-    are not timed in this mode (they overlap).
+    (two-batch overlap): each range has its own count exchange (a host sync per range and layer), and
+    the work is issued so that a range's count exchange and all-to-alls run while another range's
+    experts compute (all in one stream; the all-to-alls beside it: best with a copy-engine
+    transport, which leaves every SM to the experts). Each range is routed on its own, so an expert's
+    replicas share out each range's assignments evenly (not the whole batch's). `EPMoEStack` reads
+    it from its first layer; phases are not timed in this mode (they overlap).
     """
 
     mode: str = "exact"

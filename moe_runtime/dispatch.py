@@ -8,7 +8,8 @@ host (the forward path's one sync); capacity mode sends fixed, padded splits and
 `dispatch` and `combine` run one batch start to end. The pipelined forward (micro-batches) uses the
 steps they are made of: `prepare` packs every token range (one count exchange for all of them),
 `send` and `send_back` start all-to-alls without waiting, `receive` and `combine_returned` wait for
-them (on a GPU the compute stream waits for NCCL's; the host does not block).
+them (on a GPU the compute stream waits for NCCL's; the host does not block). The interleaved stack
+splits `prepare` at its host sync (`pack_ranges`, `read_counts`) to issue other work in between.
 """
 
 from __future__ import annotations
@@ -59,17 +60,38 @@ class InFlight(NamedTuple):
     outgoing: Outgoing
 
 
+class Packed(NamedTuple):
+    """Token ranges packed, their counts on the way to the host (`pack_ranges`; `read_counts` ends it)."""
+
+    outgoing: list[Outgoing] | None   # capacity mode: ready to send
+    bufs: list[torch.Tensor]          # exact mode: each range's rows, sized for the most it can send
+    routes: list                      # exact mode: each range's `route_rows`
+    host: torch.Tensor | None         # exact mode: the gathered counts, valid once `arrived` completes
+    arrived: torch.cuda.Event | None
+    slots_per_rank: int
+    lane: int
+    dropped: torch.Tensor | None      # assignments dropped at the source; None where none can be
+
+
 def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: EPGroup, slots_per_rank: int,
-            config: DispatchConfig, ranges: Sequence[slice], lane: int = 0,
-            lanes: int = 1) -> tuple[list[Outgoing], torch.Tensor | None]:
+            config: DispatchConfig, ranges: Sequence[slice]) -> tuple[list[Outgoing], torch.Tensor | None]:
     """Pack each token range of x [T, H] for the physical slots phys [T, k] (weights [T, k]).
 
     The drop policy sees the whole batch, so the ranges drop exactly what one batch would. Exact mode
-    exchanges every range's counts in one all-to-all and reads them with the layer's one host sync.
-    With a copy-engine transport the rows travel in its lane `lane` of `lanes` (one a batch that runs
-    through the layers beside others, see `EPMoEStack`). Returns the packed ranges and the assignments
-    dropped (None where none can be).
+    exchanges every range's counts in one all-gather and reads them with the layer's one host sync.
+    Returns the packed ranges and the assignments dropped (None where none can be).
     """
+    packed = pack_ranges(x, phys, weights, group, slots_per_rank, config, ranges)
+    return read_counts(packed, group), packed.dropped
+
+
+def pack_ranges(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: EPGroup,
+                slots_per_rank: int, config: DispatchConfig, ranges: Sequence[slice], lane: int = 0,
+                lanes: int = 1) -> Packed:
+    """`prepare` up to the host sync: the ranges packed and their counts exchanged and on their way to
+    the host, so the caller can issue other work before `read_counts` waits. With a copy-engine
+    transport the rows travel in its lane `lane` of `lanes` (a lane for each batch that runs through
+    the layers beside others, see `EPMoEStack`)."""
     world, k = group.world, slots_per_rank
     tokens, top_k = phys.shape
     dest, local = phys // k, phys % k
@@ -84,7 +106,7 @@ def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: E
             routes = route_rows(dest[r], world, padded=True)
             buf = pack(x[r], dest[r], local[r], weights[r], routes.send, world * (r.stop - r.start))
             outgoing.append(Outgoing(buf, ReturnPath(routes.result, None, None), None))
-        return outgoing, dropped
+        return Packed(outgoing, [], [], None, None, k, lane, dropped)
 
     routes = [route_rows(dest[r], world, padded=False) for r in ranges]
     counts = []
@@ -101,21 +123,29 @@ def prepare(x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor, group: E
     # the host has read the counts and launched the pack. A range sends at most min(W, top_k) rows a token.
     bufs = [pack(x[r], dest[r], local[r], weights[r], rr.send, (r.stop - r.start) * min(world, top_k))
             for r, rr in zip(ranges, routes, strict=True)]
-    if arrived is not None:
-        arrived.synchronize()  # the layer's one host sync
+    return Packed(None, bufs, routes, host, arrived, k, lane, None)
+
+
+def read_counts(packed: Packed, group: EPGroup) -> list[Outgoing]:
+    """Wait for the exchanged counts (exact mode: the layer's one host sync) and size each range's
+    all-to-alls from them."""
+    if packed.outgoing is not None:
+        return packed.outgoing
+    if packed.arrived is not None:
+        packed.arrived.synchronize()
     # numpy on the host copy: this runs between the counts' arrival and the all-to-all's launch, while
     # the GPU waits; the same reads as torch ops on a CPU tensor took about 3x as long (40 vs 14 us).
-    table = host.numpy().reshape(world, world, len(ranges), 1 + k)
-    me = group.rank
+    world, k, me = group.world, packed.slots_per_rank, group.rank
+    table = packed.host.numpy().reshape(world, world, len(packed.bufs), 1 + k)
     outgoing = []
-    for i, (buf, rr) in enumerate(zip(bufs, routes, strict=True)):
+    for i, (buf, rr) in enumerate(zip(packed.bufs, packed.routes, strict=True)):
         rows = table[:, :, i, 0]  # [source, destination] rows of this range
         send_splits, recv_splits = rows[me].tolist(), rows[:, me].tolist()
         slot_sizes = table[:, me, i, 1:].sum(0).tolist()
-        there, back = peer_layouts(rows, me, lane) if group.copy_engine is not None else (None, None)
+        there, back = peer_layouts(rows, me, packed.lane) if group.copy_engine is not None else (None, None)
         path = ReturnPath(rr.result, send_splits, recv_splits, back)
         outgoing.append(Outgoing(buf[:sum(send_splits)], path, slot_sizes, there))
-    return outgoing, None
+    return outgoing
 
 
 def peer_layouts(rows: np.ndarray, rank: int, lane: int = 0) -> tuple[PeerLayout, PeerLayout]:

@@ -64,33 +64,33 @@ class EPGroup:
 
         Under NCCL, waiting makes the current stream wait for the collective's; the host goes on. A
         collective normally starts after everything issued on the current stream so far; with `after`
-        (an event recorded once x and `out` were allocated and x written) it waits for that event
-        alone, so it can run beside compute issued since. `out` must then be given: a buffer
-        allocated now could be memory that compute issued since still uses. With a copy-engine
-        transport and a `layout`, the rows go by peer copies instead and land in its workspace (`out`
-        is not used).
+        (an event recorded once x was written) it waits for that event alone, so it can run beside
+        compute issued since. `out`, when given, must then have been allocated before the event;
+        without it the buffer comes from the issuing side stream's pool (memory that compute issued
+        since may still use never comes from there). With a copy-engine transport and a `layout`, the
+        rows go by peer copies instead and land in its workspace (`out` is not used).
         """
-        by_copy_engine = self.copy_engine is not None and layout is not None
-        if after is not None and out is None and not by_copy_engine:
-            raise ValueError("all_to_all_start: `after` needs an `out` allocated before the event")
         if self.world == 1:
             return x, None
-        if by_copy_engine:
+        if self.copy_engine is not None and layout is not None:
             rows = sum(out_splits)
             return self.copy_engine.start(x, in_splits, layout.dst_offsets, rows, layout.region_rows, after,
                                           layout.lane)
         rows = x.shape[0] if out_splits is None else sum(out_splits)
-        if out is None:
-            out = x.new_empty((rows, *x.shape[1:]))
-        elif out.shape != (rows, *x.shape[1:]) or out.dtype != x.dtype:
+        if out is not None and (out.shape != (rows, *x.shape[1:]) or out.dtype != x.dtype):
             raise ValueError(f"all_to_all_start: out is {list(out.shape)} {out.dtype}, "
                              f"need {[rows, *x.shape[1:]]} {x.dtype}")
         x = x.contiguous()
         if after is None or not x.is_cuda:
+            if out is None:
+                out = x.new_empty((rows, *x.shape[1:]))
             return out, dist.all_to_all_single(out, x, out_splits, in_splits, group=self.group, async_op=True)
-        side = _side_stream(x.device)
+        current, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
         side.wait_event(after)
         with torch.cuda.stream(side):
+            if out is None:
+                out = x.new_empty((rows, *x.shape[1:]))
+                out.record_stream(current)  # read there once the work is waited for
             work = dist.all_to_all_single(out, x, out_splits, in_splits, group=self.group, async_op=True)
         return out, work
 

@@ -17,11 +17,14 @@ from moe_runtime.copy_engine import Transfer
 from moe_runtime.counters import Counters
 from moe_runtime.dispatch import (
     InFlight,
+    Packed,
     Received,
     arrival_buffer,
     combine_returned,
     dispatch,
+    pack_ranges,
     prepare,
+    read_counts,
     receive,
     send,
     send_back,
@@ -69,11 +72,19 @@ class _LayerCounters(NamedTuple):
     record: torch.Tensor
 
 
+class Started(NamedTuple):
+    """One batch routed and packed, its counts on their way (`EPMoELayer.begin`)."""
+
+    packed: Packed
+    ready: torch.cuda.Event | None  # recorded once the rows are packed (on a GPU)
+    changed: torch.Tensor           # 0-d int64: assignments the selection bias changed
+
+
 class Sent(NamedTuple):
-    """One batch on its way to its experts (`EPMoELayer.begin`)."""
+    """One batch on its way to its experts (`EPMoELayer.send_rows`)."""
 
     flight: InFlight
-    changed: torch.Tensor           # 0-d int64: assignments the selection bias changed
+    changed: torch.Tensor
     dropped: torch.Tensor | None    # 0-d int64 assignments dropped at the source; None where none can be
 
 
@@ -174,13 +185,23 @@ class EPMoELayer(nn.Module):
     # The steps of one batch, in order, for a caller that interleaves batches (EPMoEStack): every rank
     # must take the same steps in the same order.
 
-    def begin(self, x: torch.Tensor, lane: int = 0, lanes: int = 1) -> Sent:
-        """Route x [T, H] (normed), exchange counts (exact mode: the host sync) and start its dispatch;
-        with a copy-engine transport its rows travel in lane `lane` of `lanes`."""
+    def begin(self, x: torch.Tensor, lane: int = 0, lanes: int = 1) -> Started:
+        """Route x [T, H] (normed), pack its rows and start its count exchange (no host sync); with a
+        copy-engine transport its rows will travel in lane `lane` of `lanes`."""
         r, phys = self._route(x)
-        (outgoing,), dropped = prepare(x, phys, r.weights, self.group, self.placement.slots_per_rank,
-                                       self.dispatch_config, [slice(0, x.shape[0])], lane, lanes)
-        return Sent(send(outgoing, self.group), r.changed, dropped)
+        packed = pack_ranges(x, phys, r.weights, self.group, self.placement.slots_per_rank,
+                             self.dispatch_config, [slice(0, x.shape[0])], lane, lanes)
+        ready = None
+        if x.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(x.device))
+        return Started(packed, ready, r.changed)
+
+    def send_rows(self, started: Started) -> Sent:
+        """Read the counts (exact mode: the host sync) and start the dispatch, which waits for the rows
+        to be packed but not for compute issued since `begin`."""
+        (outgoing,) = read_counts(started.packed, self.group)
+        return Sent(send(outgoing, self.group, after=started.ready), started.changed, started.packed.dropped)
 
     def experts(self, sent: Sent) -> torch.Tensor:
         """Wait for the dispatch and run the local experts: [R, H], one result a received row."""
@@ -293,50 +314,48 @@ class EPMoEStack(nn.Module):
         return x
 
     def _interleaved(self, x: torch.Tensor, ranges: list[slice]) -> torch.Tensor:
-        """The token ranges side by side through the layers (DispatchConfig.interleave).
+        """The token ranges side by side through the layers (DispatchConfig.interleave), in one stream.
 
-        Issue order, for ranges A and B: A and B begin layer 0; A's experts, its results sent back;
-        then for each layer, and each range in turn, its experts, then the previous range's end and
-        begin of its next layer (whose count exchange makes the host wait while these experts run),
-        then its results sent back. NCCL and the copy engines each run their transfers in issue
-        order, so no range's count exchange or dispatch is queued behind another range's experts.
+        For ranges A and B, each layer issues: A's dispatch; B's end of the last layer and begin of
+        this one (routing, packing, count exchange); A's experts; B's dispatch (the host waits for
+        B's counts while A's experts run, and the rows travel beside them); A's results back; B's
+        experts (A's results travel beside them); B's results back; A's end and next begin. A
+        dispatch waits only for its rows to be packed, so transfers queue behind no other range's
+        experts.
         """
         n, layers = len(ranges), self.layers
-        streams = _range_streams(x, n)
         xs = [x[r] for r in ranges]
         normed: list[torch.Tensor | None] = [None] * n
+        started: list[Started | None] = [None] * n
         sent: list[Sent | None] = [None] * n
         back: list[tuple | None] = [None] * n
         per_layer: list[list[Sent]] = [[] for _ in layers]
 
-        def begin(i: int, layer: int) -> None:
-            with _on(streams[i]):
+        def step_to(i: int, layer: int) -> None:
+            """Range i: end layer - 1 (if any), begin `layer` (if any)."""
+            if layer > 0:
+                xs[i] = xs[i] + layers[layer - 1].end(normed[i], back[i], sent[i])
+            if layer < len(layers):
                 normed[i] = _norm(xs[i])
-                sent[i] = layers[layer].begin(normed[i], i, n)
+                started[i] = layers[layer].begin(normed[i], i, n)
+
+        def send_rows(i: int, layer: int) -> None:
+            sent[i] = layers[layer].send_rows(started[i])
             per_layer[layer].append(sent[i])
 
-        def end(i: int, layer: int) -> None:
-            with _on(streams[i]):
-                xs[i] = xs[i] + layers[layer].end(normed[i], back[i], sent[i])
-
-        for i in range(n):
-            begin(i, 0)
-        previous = None
-        for layer_index, layer in enumerate(layers):
+        step_to(0, 0)
+        for index, layer in enumerate(layers):
+            send_rows(0, index)
             for i in range(n):
-                with _on(streams[i]):
-                    y = layer.experts(sent[i])
-                if previous is not None:
-                    end(*previous)
-                    if previous[1] + 1 < len(layers):
-                        begin(previous[0], previous[1] + 1)
-                with _on(streams[i]):
-                    back[i] = layer.return_results(y, sent[i])
-                previous = (i, layer_index)
-        end(*previous)
-        for stream in streams[1:]:
-            if stream is not None:
-                streams[0].wait_stream(stream)
+                if i + 1 < n:
+                    step_to(i + 1, index)
+                y = layer.experts(sent[i])
+                if i + 1 < n:
+                    send_rows(i + 1, index)
+                back[i] = layer.return_results(y, sent[i])
+            step_to(0, index + 1)
+        for i in range(1, n):
+            step_to(i, len(layers))
         for layer, sents in zip(layers, per_layer, strict=True):
             dropped = [s.dropped for s in sents if s.dropped is not None]
             layer.account(sum(s.changed for s in sents), sum(dropped) if dropped else None)
@@ -345,24 +364,3 @@ class EPMoEStack(nn.Module):
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[1],), eps=NORM_EPS)
-
-
-_RANGE_STREAMS: dict[torch.device, list[torch.cuda.Stream]] = {}
-
-
-def _range_streams(x: torch.Tensor, n: int) -> list[torch.cuda.Stream | None]:
-    """A stream for each of n interleaved ranges of x: the current one, then side streams that wait
-    for it (x is written); None each on CPU, where every op completes in order."""
-    if not x.is_cuda:
-        return [None] * n
-    side = _RANGE_STREAMS.setdefault(x.device, [])
-    while len(side) < n - 1:
-        side.append(torch.cuda.Stream(x.device))
-    current = torch.cuda.current_stream(x.device)
-    for stream in side[:n - 1]:
-        stream.wait_stream(current)
-    return [current, *side[:n - 1]]
-
-
-def _on(stream: torch.cuda.Stream | None):
-    return nullcontext() if stream is None else torch.cuda.stream(stream)
