@@ -316,11 +316,13 @@ class EPMoEStack(nn.Module):
     def _interleaved(self, x: torch.Tensor, ranges: list[slice]) -> torch.Tensor:
         """The token ranges side by side through the layers (DispatchConfig.interleave), in one stream.
 
-        For ranges A and B, each layer issues: A's dispatch; B's end of the last layer and begin of
-        this one (routing, packing, count exchange); A's experts; B's dispatch (the host waits for
-        B's counts while A's experts run, and the rows travel beside them); A's results back; B's
-        experts (A's results travel beside them); B's results back; A's end and next begin. A
-        dispatch waits only for its rows to be packed, so transfers queue behind no other range's
+        For ranges A and B, each layer issues: A's dispatch (once its counts are on the host), A's
+        experts, B's dispatch (its rows travel while A's experts run), A's results back, B's experts
+        (A's results travel meanwhile), B's results back; then each range's end of the layer and
+        begin of the next (routing, packing, count exchange). The host waits for a range's counts
+        only once all of that is issued, so it issues the next layer while the GPU still has
+        experts to run. A dispatch waits only for its rows to be packed, and every transfer is
+        issued before any that will wait for later experts, so none queues behind another range's
         experts.
         """
         n, layers = len(ranges), self.layers
@@ -343,19 +345,18 @@ class EPMoEStack(nn.Module):
             sent[i] = layers[layer].send_rows(started[i])
             per_layer[layer].append(sent[i])
 
-        step_to(0, 0)
+        for i in range(n):
+            step_to(i, 0)
         for index, layer in enumerate(layers):
             send_rows(0, index)
-            for i in range(n):
-                if i + 1 < n:
-                    step_to(i + 1, index)
+            y = layer.experts(sent[0])
+            for i in range(1, n):
+                send_rows(i, index)
+                back[i - 1] = layer.return_results(y, sent[i - 1])
                 y = layer.experts(sent[i])
-                if i + 1 < n:
-                    send_rows(i + 1, index)
-                back[i] = layer.return_results(y, sent[i])
-            step_to(0, index + 1)
-        for i in range(1, n):
-            step_to(i, len(layers))
+            back[n - 1] = layer.return_results(y, sent[n - 1])
+            for i in range(n):
+                step_to(i, index + 1)
         for layer, sents in zip(layers, per_layer, strict=True):
             dropped = [s.dropped for s in sents if s.dropped is not None]
             layer.account(sum(s.changed for s in sents), sum(dropped) if dropped else None)
