@@ -97,7 +97,8 @@ class DispatchConfig:
     experts compute (all in one stream; the all-to-alls beside it: best with a copy-engine
     transport, which leaves every SM to the experts). Each range is routed on its own, so an expert's
     replicas share out each range's assignments evenly (not the whole batch's). `EPMoEStack` reads
-    it from its first layer; phases are not timed in this mode (they overlap).
+    it from its first layer; the phases overlap, so a timed step records the stack's whole time as
+    expert time, shared evenly by the layers.
     """
 
     mode: str = "exact"

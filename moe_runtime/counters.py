@@ -61,7 +61,7 @@ class Counters:
         self.timing = True  # whether this step's phases are timed (see set_timing)
         self._us = {phase: np.zeros(layers) for phase in PHASES}
         self._samples = {phase: np.zeros(layers, np.int64) for phase in PHASES}
-        self._pending: deque[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] = deque()
+        self._pending: deque[tuple[str, int | slice, torch.cuda.Event, torch.cuda.Event]] = deque()
         self._free_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._stream_key: tuple | None = None   # the current stream's ids when _stream was built
         self._stream: torch.cuda.Stream | None = None
@@ -97,16 +97,16 @@ class Counters:
             self._collect()
 
     @contextmanager
-    def timed(self, phase: str, layer: int):
-        """Time the enclosed phase of `layer` on timed steps (never while a CUDA graph is captured)."""
+    def timed(self, phase: str, layer: int | slice):
+        """Time the enclosed phase of `layer` on timed steps (never while a CUDA graph is captured); a
+        slice of layers shares the time evenly (layers whose work overlaps, as interleaved ranges')."""
         if not self.timing:
             yield
             return
         if self.device.type != "cuda":
             start = time.perf_counter()
             yield
-            self._us[phase][layer] += (time.perf_counter() - start) * 1e6
-            self._samples[phase][layer] += 1
+            self._add(phase, layer, (time.perf_counter() - start) * 1e6)
             return
         if torch.cuda.is_current_stream_capturing():
             yield
@@ -133,9 +133,13 @@ class Counters:
     def _collect(self) -> None:
         while self._pending and self._pending[0][3].query():
             phase, layer, start, end = self._pending.popleft()
-            self._us[phase][layer] += start.elapsed_time(end) * 1e3
-            self._samples[phase][layer] += 1
+            self._add(phase, layer, start.elapsed_time(end) * 1e3)
             self._free_events.append((start, end))
+
+    def _add(self, phase: str, layer: int | slice, us: float) -> None:
+        shared = len(range(self.layers)[layer]) if isinstance(layer, slice) else 1
+        self._us[phase][layer] += us / max(shared, 1)
+        self._samples[phase][layer] += 1
 
     def drain_timings(self, mean: bool = False) -> dict[str, np.ndarray]:
         """Microseconds per phase and layer completed since the last drain (never waits on the GPU):

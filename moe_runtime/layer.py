@@ -323,8 +323,15 @@ class EPMoEStack(nn.Module):
         only once all of that is issued, so it issues the next layer while the GPU still has
         experts to run. A dispatch waits only for its rows to be packed, and every transfer is
         issued before any that will wait for later experts, so none queues behind another range's
-        experts.
+        experts. The phases overlap, so a timed step records the whole stack's time as expert time,
+        shared evenly by the layers (what the daemon needs for the MoE layers' share of the step).
         """
+        counters = self.layers[0].counters
+        timed = counters is not None and counters.timing
+        with counters.timed("expert", slice(None)) if timed else nullcontext():
+            return self._interleave(x, ranges)
+
+    def _interleave(self, x: torch.Tensor, ranges: list[slice]) -> torch.Tensor:
         n, layers = len(ranges), self.layers
         xs = [x[r] for r in ranges]
         normed: list[torch.Tensor | None] = [None] * n

@@ -45,7 +45,9 @@ def test_loop_gpu_interleaved_ranges_apply_a_plan_with_outputs_unchanged(tmp_pat
     (row,) = json.loads((tmp_path / "loop.json").read_text())
     assert not row["error"], row
     assert row["micro_batches"] == "2i"
+    assert row["planner"] == "daemon (automatic)", "the daemon pushes on its own: it sees the MoE time"
     assert row["plan_state"] == "applied" and row["max_rel_err"] < 1e-4
+    assert row["expert_ms_max_after"] > 0 and row["dispatch_ms_max_after"] == 0
     assert row["balancedness_after"] < row["balancedness_before"]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from moe_runtime.counters import Counters
@@ -32,6 +34,17 @@ def test_cpu_timers_sample_only_timed_steps() -> None:
         sum(range(1000))
     means = c.drain_timings(mean=True)
     assert means["expert"][1] > 0 and means["expert"][0] == 0 and not means["dispatch"].any()
+
+
+def test_a_timed_span_of_layers_shares_its_time_evenly() -> None:
+    c = Counters(4, 4, 2)
+    with c.timed("expert", slice(None)):
+        time.sleep(0.004)
+    with c.timed("expert", slice(2, 4)):
+        time.sleep(0.002)
+    us = c.drain_timings()["expert"]
+    assert us[0] == us[1] >= 1000 and us[2] == us[3] >= us[0] + 1000
+    assert us.sum() >= 4000 + 2000
 
 
 def test_cuda_timers_build_a_stream_object_only_when_the_current_stream_changes(monkeypatch) -> None:
