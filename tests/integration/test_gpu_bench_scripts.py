@@ -66,3 +66,15 @@ def test_runtime_gpu_equivalence_whole_and_pipelined(tmp_path: Path) -> None:
     assert {r["mode"] for r in rows} == {"exact", "capacity", "exact-pipelined", "capacity-pipelined",
                                          "exact-interleaved", "capacity-interleaved"}
     assert all(r["ok"] and not r["error"] for r in rows), rows
+
+
+def test_telemetry_probe_times_three_modes_and_writes_its_profiles(tmp_path: Path) -> None:
+    torchrun("telemetry_probe.py", tmp_path, "--rounds", "2", "--profile-blocks", "1", "--device-steps", "2",
+             "--tokens", "8")
+    for rank in (0, 1):
+        lines = (tmp_path / f"times-rank{rank}.txt").read_text().splitlines()
+        assert [line.split(":")[0] for line in lines] == ["off", "count", "on"]
+        assert all("32 steps" in line for line in lines)
+    for mode in ("off", "count", "on"):
+        assert "function calls" in (tmp_path / f"host-{mode}.txt").read_text()
+    assert (tmp_path / "device-count.txt").stat().st_size > 0
