@@ -329,9 +329,9 @@ class EPMoEStack(nn.Module):
         counters = self.layers[0].counters
         timed = counters is not None and counters.timing
         with counters.timed("expert", slice(None)) if timed else nullcontext():
-            return self._interleave(x, ranges)
+            return self._run_interleaved(x, ranges)
 
-    def _interleave(self, x: torch.Tensor, ranges: list[slice]) -> torch.Tensor:
+    def _run_interleaved(self, x: torch.Tensor, ranges: list[slice]) -> torch.Tensor:
         n, layers = len(ranges), self.layers
         xs = [x[r] for r in ranges]
         normed: list[torch.Tensor | None] = [None] * n
