@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from kernels.permute import row_layout
+from moe_runtime.streams import current_stream
 
 ALIGN = 256  # bytes: every region starts aligned, so rows keep the alignment their layout gives them
 
@@ -39,11 +40,11 @@ def workspace_bytes(tokens: int, world: int, hidden: int, top_k: int, dtype: tor
 class Transfer:
     """A transfer in flight: `wait()` makes the current stream wait until every rank's rows arrived."""
 
-    def __init__(self, done: torch.cuda.Event):
-        self._done = done
+    def __init__(self, done: torch.cuda.Event, device: torch.device):
+        self._done, self._device = done, device
 
     def wait(self) -> None:
-        torch.cuda.current_stream().wait_event(self._done)
+        current_stream(self._device).wait_event(self._done)
 
 
 class CopyEngineTransport:
@@ -101,7 +102,7 @@ class CopyEngineTransport:
         src = x.view(torch.uint8).view(x.shape[0], row_bytes)
         stream = self._stream
         if after is None:
-            stream.wait_stream(torch.cuda.current_stream())
+            stream.wait_stream(current_stream(self.device))
         else:
             stream.wait_event(after)
         firsts = [0, *accumulate(send_splits)]
@@ -128,7 +129,7 @@ class CopyEngineTransport:
         for copy in self._copy_streams:
             x.record_stream(copy)
         out = self._local[start:start + recv_rows * row_bytes].view(x.dtype).view(recv_rows, *x.shape[1:])
-        return out, Transfer(done)
+        return out, Transfer(done, self.device)
 
     def destroy(self) -> None:
         """Release the workspace (collective: every rank, once no transfer is in flight)."""

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moe_runtime.streams import current_stream
+
 PHASES = ("dispatch", "expert", "combine")
 MAX_PENDING_TIMERS = 256  # timed phases awaiting completion before `timed` collects them itself
 
@@ -63,8 +65,6 @@ class Counters:
         self._samples = {phase: np.zeros(layers, np.int64) for phase in PHASES}
         self._pending: deque[tuple[str, int | slice, torch.cuda.Event, torch.cuda.Event]] = deque()
         self._free_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._stream_key: tuple | None = None   # the current stream's ids when _stream was built
-        self._stream: torch.cuda.Stream | None = None
 
     def routed_and_spare(self) -> torch.Tensor:
         """The flat device view of routed followed by the spare words (one all-reduce covers both)."""
@@ -121,14 +121,8 @@ class Counters:
             self._collect()
 
     def current_stream(self) -> torch.cuda.Stream:
-        """The current CUDA stream of the counters' device, as a Stream built only when the current
-        stream changed: building one (what `Event.record()` does without a stream) cost 20-30 us of
-        host time a record on the H200 machines, most of a timed eager step's overhead."""
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        key = torch._C._cuda_getCurrentStream(index)
-        if key != self._stream_key:
-            self._stream_key, self._stream = key, torch.cuda.current_stream(index)
-        return self._stream
+        """The current CUDA stream of the counters' device (`moe_runtime.streams.current_stream`)."""
+        return current_stream(self.device)
 
     def _collect(self) -> None:
         while self._pending and self._pending[0][3].query():

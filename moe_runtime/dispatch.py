@@ -26,6 +26,7 @@ from kernels.permute import count_slots, drop_overflow, pack, route_rows, unpack
 from moe_runtime.config import DispatchConfig
 from moe_runtime.copy_engine import Transfer
 from moe_runtime.group import EPGroup, PeerLayout
+from moe_runtime.streams import current_stream
 
 
 class Received(NamedTuple):
@@ -164,7 +165,7 @@ def _start_host_copy(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | 
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     done = torch.cuda.Event()
-    done.record()
+    done.record(current_stream(t.device))
     return host, done
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from moe_runtime.copy_engine import CopyEngineTransport, Transfer
+from moe_runtime.streams import current_stream
 
 # The backend each device type needs for all_to_all_single.
 BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
@@ -85,7 +86,7 @@ class EPGroup:
             if out is None:
                 out = x.new_empty((rows, *x.shape[1:]))
             return out, dist.all_to_all_single(out, x, out_splits, in_splits, group=self.group, async_op=True)
-        current, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+        current, side = current_stream(x.device), _side_stream(x.device)
         side.wait_event(after)
         with torch.cuda.stream(side):
             if out is None:

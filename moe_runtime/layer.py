@@ -33,6 +33,7 @@ from moe_runtime.experts import run_experts, swiglu
 from moe_runtime.group import EPGroup
 from moe_runtime.placement import RuntimePlacement, choose_replicas
 from moe_runtime.reference import LogicalWeights
+from moe_runtime.streams import current_stream
 
 
 def _check(cfg: MoEConfig, layer: int, group: EPGroup, placement: RuntimePlacement, counters: Counters | None,
@@ -194,7 +195,7 @@ class EPMoELayer(nn.Module):
         ready = None
         if x.is_cuda:
             ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(x.device))
+            ready.record(current_stream(x.device))
         return Started(packed, ready, r.changed)
 
     def send_rows(self, started: Started) -> Sent:
@@ -260,7 +261,7 @@ class EPMoELayer(nn.Module):
                 arrivals = [None] + [None if o.layout is not None and group.copy_engine is not None
                                      else arrival_buffer(o) for o in outgoing[1:]]
                 packed = torch.cuda.Event()
-                packed.record()
+                packed.record(current_stream(x.device))
             flights = [send(outgoing[0], group)]
             shared = self._shared(x)
             recv = receive(flights[0], hidden, top_k)
