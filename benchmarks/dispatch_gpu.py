@@ -381,10 +381,6 @@ def report(out: Path, world: int) -> None:
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
-def shape_of(args: argparse.Namespace) -> Shape:
-    return TINY if args.tiny else DEEPSEEK_V3
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -418,16 +414,14 @@ def main() -> None:
     else:
         dist.init_process_group("gloo", timeout=timeout)
     group = ep_group()
+    shape = TINY if args.tiny else DEEPSEEK_V3
+    tokens = [int(t) for t in args.tokens.split(",")]
     copy_engine = None
     if args.copy_engine and group.device.type == "cuda":
-        shape = shape_of(args)
-        most = max(int(t) for t in args.tokens.split(","))
-        size = workspace_bytes(most, group.world, shape.hidden, shape.top_k, torch.bfloat16)
+        size = workspace_bytes(max(tokens), group.world, shape.hidden, shape.top_k, torch.bfloat16)
         copy_engine = ep_group(copy_engine_bytes=size)
     args.out.mkdir(parents=True, exist_ok=True)
     sink = Sink(args.out, group.rank)
-    shape = shape_of(args)
-    tokens = [int(t) for t in args.tokens.split(",")]
     base = dict(rank=group.rank, world=group.world, hidden=shape.hidden, top_k=shape.top_k)
 
     if "check" not in skip:
