@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from kernels.permute import SlotGroups, gather_rows
+
+if TYPE_CHECKING:
+    from kernels.expert_ffn_triton import TritonGateUp
 
 BACKENDS = ("loop", "triton", "grouped_mm")
 BACKEND_ENV = "BALANCERD_EXPERT_BACKEND"  # forces one backend on CUDA tensors (benchmarks, bisecting)
@@ -67,12 +71,7 @@ def silu_mul(h: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
 def grouped_swiglu_grouped_mm(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor,
                               w_down: torch.Tensor, assignments: int | None = None) -> torch.Tensor:
     """ys with two torch._grouped_mm calls on the slot-major copy of x (`assignments` rows when given)."""
-    xs = gather_rows(x, groups, assignments)
-    if xs.shape[0] == 0:
-        return xs
-    ends = groups.offsets[1:]
-    h = torch._grouped_mm(xs, w_gate_up.transpose(1, 2), offs=ends)
-    return torch._grouped_mm(silu_mul(h, used=ends[-1:]), w_down.transpose(1, 2), offs=ends)
+    return grouped_down(grouped_gate_up(x, groups, w_gate_up, "grouped_mm", assignments), groups, w_down)
 
 
 def select_backend(x: torch.Tensor, slots: int, inter: int, assignments: int, host_sizes: bool) -> str:
@@ -100,6 +99,44 @@ def select_backend(x: torch.Tensor, slots: int, inter: int, assignments: int, ho
     return "triton" if choice == "grouped_mm" and not grouped_mm_available(x, x.shape[1], inter) else choice
 
 
+class GateUp(NamedTuple):
+    """The first half of grouped SwiGLU (`grouped_gate_up`), which `grouped_down` finishes."""
+
+    h: torch.Tensor                  # [>= offsets[-1], I] silu(gate) * up of each sorted assignment
+    backend: str
+    triton: TritonGateUp | None      # the Triton backend's launch state for the down projection
+
+
+def grouped_gate_up(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor, backend: str,
+                    assignments: int | None = None) -> GateUp:
+    """The gate and up projections with the activation: the first of `grouped_swiglu`'s two GEMMs, for a
+    caller that issues other work between them (EPMoEStack's interleaved ranges)."""
+    if backend == "triton":
+        from kernels.expert_ffn_triton import gate_up_triton
+
+        t = gate_up_triton(x, groups, w_gate_up, assignments)
+        return GateUp(t.h, backend, t)
+    if backend != "grouped_mm":
+        raise ValueError(f"grouped_swiglu backend must be 'triton' or 'grouped_mm', got {backend!r}")
+    xs = gather_rows(x, groups, assignments)
+    if xs.shape[0] == 0:
+        return GateUp(xs.new_empty((0, w_gate_up.shape[1] // 2)), backend, None)
+    ends = groups.offsets[1:]
+    h = torch._grouped_mm(xs, w_gate_up.transpose(1, 2), offs=ends)
+    return GateUp(silu_mul(h, used=ends[-1:]), backend, None)
+
+
+def grouped_down(a: GateUp, groups: SlotGroups, w_down: torch.Tensor) -> torch.Tensor:
+    """The down projection of `grouped_gate_up`'s result: ys, one row per sorted assignment."""
+    if a.triton is not None:
+        from kernels.expert_ffn_triton import down_triton
+
+        return down_triton(a.triton, groups, w_down)
+    if a.h.shape[0] == 0:
+        return a.h.new_empty((0, w_down.shape[1]))
+    return torch._grouped_mm(a.h, w_down.transpose(1, 2), offs=groups.offsets[1:])
+
+
 def grouped_swiglu(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                    backend: str, assignments: int | None = None) -> torch.Tensor:
     """ys [>= offsets[-1], H]: swiglu of each sorted assignment's row with its slot's weights.
@@ -107,10 +144,4 @@ def grouped_swiglu(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor,
     backend "triton" or "grouped_mm" (the loop works on whole rows: moe_runtime.experts);
     `assignments`, a host bound on offsets[-1] (default R * k), sizes the grid and the buffers.
     """
-    if backend == "triton":
-        from kernels.expert_ffn_triton import grouped_swiglu_triton
-
-        return grouped_swiglu_triton(x, groups, w_gate_up, w_down, assignments)
-    if backend == "grouped_mm":
-        return grouped_swiglu_grouped_mm(x, groups, w_gate_up, w_down, assignments)
-    raise ValueError(f"grouped_swiglu backend must be 'triton' or 'grouped_mm', got {backend!r}")
+    return grouped_down(grouped_gate_up(x, groups, w_gate_up, backend, assignments), groups, w_down)

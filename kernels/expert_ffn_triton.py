@@ -15,6 +15,7 @@ a band stay in L2 while each weight block is read once per band.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -167,26 +168,47 @@ def _launch(a: torch.Tensor, rows: torch.Tensor | None, b: torch.Tensor, out: to
         num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def grouped_swiglu_triton(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                          assignments: int | None = None,
-                          configs: tuple[GemmConfig, GemmConfig] | None = None) -> torch.Tensor:
-    """kernels.expert_ffn.grouped_swiglu with the Triton kernels; `assignments` bounds offsets[-1] (host)."""
-    slots, inter2, hidden = w_gate_up.shape
+class TritonGateUp(NamedTuple):
+    """`gate_up_triton`'s result: h = silu(gate) * up per sorted assignment, and what the down launch needs."""
+
+    h: torch.Tensor                                  # [total, I]
+    table: tuple[torch.Tensor, torch.Tensor] | None  # the tile table both launches share (None: no rows)
+    down: GemmConfig
+
+
+def gate_up_triton(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor, assignments: int | None = None,
+                   configs: tuple[GemmConfig, GemmConfig] | None = None) -> TritonGateUp:
+    """The first launch of `grouped_swiglu_triton`: the gate and up projections with the activation."""
+    slots, inter2, _ = w_gate_up.shape
     total = groups.rows.shape[0] if assignments is None else assignments
-    ys = torch.empty((total, hidden), dtype=x.dtype, device=x.device)
+    gate_up, down = configs or default_configs(triton.cdiv(max(total, 1), slots), x.dtype)
+    h = torch.empty((total, inter2 // 2), dtype=x.dtype, device=x.device)
     if total == 0:
-        return ys
+        return TritonGateUp(h, None, down)
     if x.stride(1) != 1:
         x = x.contiguous()
-    gate_up, down = configs or default_configs(triton.cdiv(total, slots), x.dtype)
     if gate_up.block_m != down.block_m:
         raise ValueError("both launches share one tile table: block_m must match")
     table = tile_table(groups.offsets, gate_up.block_m, triton.cdiv(total, gate_up.block_m) + slots,
                        force_triton=not x.is_cuda)  # CPU tensors come here only under the interpreter
-    h = torch.empty((total, inter2 // 2), dtype=x.dtype, device=x.device)
     _launch(x, groups.rows, w_gate_up.contiguous(), h, table, groups.offsets, inter2 // 2, True, gate_up)
-    _launch(h, None, w_down.contiguous(), ys, table, groups.offsets, hidden, False, down)
+    return TritonGateUp(h, table, down)
+
+
+def down_triton(a: TritonGateUp, groups: SlotGroups, w_down: torch.Tensor) -> torch.Tensor:
+    """The second launch: ys = h W_down^T, one row per sorted assignment."""
+    hidden = w_down.shape[1]
+    ys = torch.empty((a.h.shape[0], hidden), dtype=a.h.dtype, device=a.h.device)
+    if a.table is not None:
+        _launch(a.h, None, w_down.contiguous(), ys, a.table, groups.offsets, hidden, False, a.down)
     return ys
+
+
+def grouped_swiglu_triton(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                          assignments: int | None = None,
+                          configs: tuple[GemmConfig, GemmConfig] | None = None) -> torch.Tensor:
+    """kernels.expert_ffn.grouped_swiglu with the Triton kernels; `assignments` bounds offsets[-1] (host)."""
+    return down_triton(gate_up_triton(x, groups, w_gate_up, assignments, configs), groups, w_down)
 
 
 @triton.jit

@@ -222,6 +222,8 @@ def gather_rows(x: torch.Tensor, groups: SlotGroups, count: int | None = None,
 def unpermute_reference(ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor,
                         dtype: torch.dtype) -> torch.Tensor:
     """Torch reference of `unpermute`."""
+    if ys.shape[0] == 0:  # no assignments: every pos is -1, and there is no row 0 to index
+        return torch.zeros((pos.shape[0], ys.shape[1]), dtype=dtype, device=ys.device)
     picked = ys.float()[pos.clamp(min=0).long()]  # [R, k, H]
     return torch.where(pos.unsqueeze(-1) >= 0, picked * weights.unsqueeze(-1), 0.0).sum(1).to(dtype)
 

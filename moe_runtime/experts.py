@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from kernels.expert_ffn import grouped_swiglu, select_backend, swiglu
-from kernels.permute import SlotCount, count_slots, group_by_slot, slot_order, unpermute
+from kernels.expert_ffn import GateUp, grouped_down, grouped_gate_up, select_backend, swiglu
+from kernels.permute import SlotCount, SlotGroups, count_slots, group_by_slot, slot_order, unpermute
 
 
 def run_experts_loop(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor,
@@ -29,6 +31,46 @@ def run_experts_loop(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
     return out.to(x.dtype)
 
 
+class ExpertsHalfway(NamedTuple):
+    """`start_experts`' result, which `finish_experts` completes."""
+
+    done: torch.Tensor | None        # the loop backend's whole result (it has no halves)
+    gate_up: GateUp | None           # the grouped backends' first GEMM and activation
+    groups: SlotGroups | None
+    weights: torch.Tensor
+    w_down: torch.Tensor
+    dtype: torch.dtype
+    count: SlotCount | None
+
+
+def start_experts(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor,
+                  w_down: torch.Tensor, slot_sizes: list[int] | None = None, backend: str | None = None,
+                  count: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> ExpertsHalfway:
+    """`run_experts` up to its down projection (the grouped backends: sort, gate and up GEMM, activation),
+    so that a caller can issue other work before `finish_experts`. The loop backend does it all here."""
+    slots_here, inter = w_gate_up.shape[0], w_down.shape[2]
+    assignments = slots.numel() if slot_sizes is None else sum(slot_sizes)
+    backend = backend or select_backend(x, slots_here, inter, assignments, slot_sizes is not None)
+    if backend == "loop":
+        if count is not None:
+            count_slots(slots, *count)
+        done = run_experts_loop(x, slots, weights, w_gate_up, w_down, slot_sizes)
+        return ExpertsHalfway(done, None, None, weights, w_down, x.dtype, None)
+    groups = group_by_slot(slots, slots_here)
+    gate_up = grouped_gate_up(x, groups, w_gate_up, backend, assignments)
+    return ExpertsHalfway(None, gate_up, groups, weights, w_down, x.dtype,
+                          None if count is None else SlotCount(slots, *count))
+
+
+def finish_experts(half: ExpertsHalfway) -> torch.Tensor:
+    """The down projection and each row's weighted sum: `run_experts`' result."""
+    if half.done is not None:
+        return half.done
+    ys = grouped_down(half.gate_up, half.groups, half.w_down)
+    return unpermute(ys, half.groups.pos, half.weights, half.dtype, force_triton=half.gate_up.backend == "triton",
+                     count=half.count)
+
+
 def run_experts(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor,
                 w_down: torch.Tensor, slot_sizes: list[int] | None = None,
                 backend: str | None = None, count: tuple[torch.Tensor, torch.Tensor | None] | None = None,
@@ -43,14 +85,4 @@ def run_experts(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w_g
     record flag or None): add the assignments per slot into counts (telemetry), inside the grouped
     backends' last kernel.
     """
-    slots_here, inter = w_gate_up.shape[0], w_down.shape[2]
-    assignments = slots.numel() if slot_sizes is None else sum(slot_sizes)
-    backend = backend or select_backend(x, slots_here, inter, assignments, slot_sizes is not None)
-    if backend == "loop":
-        if count is not None:
-            count_slots(slots, *count)
-        return run_experts_loop(x, slots, weights, w_gate_up, w_down, slot_sizes)
-    groups = group_by_slot(slots, slots_here)
-    ys = grouped_swiglu(x, groups, w_gate_up, w_down, backend, assignments)
-    return unpermute(ys, groups.pos, weights, x.dtype, force_triton=backend == "triton",
-                     count=None if count is None else SlotCount(slots, *count))
+    return finish_experts(start_experts(x, slots, weights, w_gate_up, w_down, slot_sizes, backend, count))

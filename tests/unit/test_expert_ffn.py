@@ -142,6 +142,36 @@ def test_grouped_mm_backend_matches_the_loop(gen) -> None:
     assert not counts.any()  # recording off
 
 
+def _halves_out_of_order(first: dict, second: dict, backend: str):
+    """Two batches' experts started one after the other and finished in reverse order, as the
+    interleaved stack keeps one range's first half alive while it issues another's work."""
+    from moe_runtime.experts import finish_experts, start_experts
+
+    a = start_experts(**first, backend=backend)
+    b = start_experts(**second, backend=backend)
+    return finish_experts(b), finish_experts(a)
+
+
+@pytest.mark.parametrize("backend", ["loop", "triton", "grouped_mm"])
+def test_experts_split_at_the_down_projection_equal_run_experts(gen, interpreted, backend: str) -> None:
+    if backend == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    rows, hidden, inter, slots, top_k, empty = CASES[2]
+    dtype = torch.float32 if backend == "loop" else torch.bfloat16
+    first = problem(gen, rows, hidden, inter, slots, top_k, dtype, empty)
+    second = problem(gen, rows // 2 + 1, hidden, inter, slots, top_k, dtype)
+    second.update(w_gate_up=first["w_gate_up"], w_down=first["w_down"])  # one layer's experts
+    second["slots"][:] = -1  # a range that brings this rank no assignments
+    for p in (first, second):
+        p["slot_sizes"] = sizes(p["slots"], slots)
+    call = interpreted if backend == "triton" else (lambda f, *a: f(*a))
+    got_second, got_first = call(_halves_out_of_order, first, second, backend)
+    for p, got in ((first, got_first), (second, got_second)):
+        want = run_experts_loop(**upcast({k: v for k, v in p.items() if k != "slot_sizes"}))
+        assert got.shape == p["x"].shape and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+
+
 def test_grouped_swiglu_refuses_the_loop_backend(gen) -> None:
     p = problem(gen, 2, 32, 16, 2, 1, torch.float32)
     with pytest.raises(ValueError, match="'triton' or 'grouped_mm'"):
