@@ -29,7 +29,7 @@ from moe_runtime.dispatch import (
     send,
     send_back,
 )
-from moe_runtime.experts import run_experts, swiglu
+from moe_runtime.experts import ExpertsHalfway, finish_experts, run_experts, start_experts, swiglu
 from moe_runtime.group import EPGroup
 from moe_runtime.placement import RuntimePlacement, choose_replicas
 from moe_runtime.reference import LogicalWeights
@@ -204,9 +204,16 @@ class EPMoELayer(nn.Module):
         (outgoing,) = read_counts(started.packed, self.group)
         return Sent(send(outgoing, self.group, after=started.ready), started.changed, started.packed.dropped)
 
-    def experts(self, sent: Sent) -> torch.Tensor:
-        """Wait for the dispatch and run the local experts: [R, H], one result a received row."""
-        return self._experts(receive(sent.flight, self.cfg.hidden, self.cfg.top_k))
+    def start_experts(self, sent: Sent) -> ExpertsHalfway:
+        """Wait for the dispatch and run the local experts up to their down projection."""
+        recv = receive(sent.flight, self.cfg.hidden, self.cfg.top_k)
+        c = self._rows  # received per slot is counted inside the expert path
+        return start_experts(recv.x, recv.slots, recv.weights, self.w_gate_up, self.w_down, recv.slot_sizes,
+                             count=None if c is None else (c.received, c.record))
+
+    def finish_experts(self, half: ExpertsHalfway) -> torch.Tensor:
+        """The rest of the local experts: [R, H], one result a received row."""
+        return finish_experts(half)
 
     def return_results(self, y: torch.Tensor, sent: Sent) -> tuple[torch.Tensor, dist.Work | Transfer | None]:
         """Start sending the results back to their source ranks."""
@@ -317,15 +324,18 @@ class EPMoEStack(nn.Module):
     def _interleaved(self, x: torch.Tensor, ranges: list[slice]) -> torch.Tensor:
         """The token ranges side by side through the layers (DispatchConfig.interleave), in one stream.
 
-        For ranges A and B, each layer issues: A's dispatch (once its counts are on the host), A's
-        experts, B's dispatch (its rows travel while A's experts run), A's results back, B's experts
-        (A's results travel meanwhile), B's results back; then each range's end of the layer and
-        begin of the next (routing, packing, count exchange). The host waits for a range's counts
-        only once all of that is issued, so it issues the next layer while the GPU still has
-        experts to run. A dispatch waits only for its rows to be packed, and every transfer is
-        issued before any that will wait for later experts, so none queues behind another range's
-        experts. The phases overlap, so a timed step records the whole stack's time as expert time,
-        shared evenly by the layers (what the daemon needs for the MoE layers' share of the step).
+        The ranges take turns, range 0 of layer 0 first, then range 1, ..., then range 0 of layer 1. A
+        turn splits its range's experts at the down projection and issues between the halves the next
+        turn's routing and packing (after the end of that range's previous layer, whose results have
+        travelled meanwhile); once the second half is issued, the host waits for the next range's
+        counts and starts its dispatch, then starts returning this range's results. For ranges A and
+        B, each all-to-all travels while the other range's experts run: B's results and then B's rows
+        behind A's two halves, A's results and then A's next rows behind B's. The host waits for a
+        range's counts while the GPU still has a second half to run, so it issues ahead of the GPU.
+        A dispatch waits only for its rows to be packed, and transfers are issued in the order the
+        compute stream produces their inputs, so none queues behind experts it does not need. The
+        phases overlap, so a timed step records the whole stack's time as expert time, shared
+        evenly by the layers (what the daemon needs for the MoE layers' share of the step).
         """
         counters = self.layers[0].counters
         timed = counters is not None and counters.timing
@@ -353,18 +363,20 @@ class EPMoEStack(nn.Module):
             sent[i] = layers[layer].send_rows(started[i])
             per_layer[layer].append(sent[i])
 
-        for i in range(n):
-            step_to(i, 0)
-        for index, layer in enumerate(layers):
-            send_rows(0, index)
-            y = layer.experts(sent[0])
-            for i in range(1, n):
-                send_rows(i, index)
-                back[i - 1] = layer.return_results(y, sent[i - 1])
-                y = layer.experts(sent[i])
-            back[n - 1] = layer.return_results(y, sent[n - 1])
-            for i in range(n):
-                step_to(i, index + 1)
+        step_to(0, 0)
+        send_rows(0, 0)
+        for turn in range(n * len(layers)):
+            index, i = divmod(turn, n)
+            next_index, j = divmod(turn + 1, n)
+            layer = layers[index]
+            half = layer.start_experts(sent[i])
+            step_to(j, next_index)
+            y = layer.finish_experts(half)
+            if next_index < len(layers):
+                send_rows(j, next_index)
+            back[i] = layer.return_results(y, sent[i])
+        for i in range(1, n):
+            step_to(i, len(layers))
         for layer, sents in zip(layers, per_layer, strict=True):
             dropped = [s.dropped for s in sents if s.dropped is not None]
             layer.account(sum(s.changed for s in sents), sum(dropped) if dropped else None)
