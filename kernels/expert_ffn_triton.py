@@ -169,14 +169,15 @@ def _launch(a: torch.Tensor, rows: torch.Tensor | None, b: torch.Tensor, out: to
 
 
 class TritonGateUp(NamedTuple):
-    """`gate_up_triton`'s result: h = silu(gate) * up per sorted assignment, and what the down launch needs."""
+    """`gate_up_triton`'s result: h = silu(gate) * up per sorted assignment, and the down launch's state."""
 
     h: torch.Tensor                                  # [total, I]
     table: tuple[torch.Tensor, torch.Tensor] | None  # the tile table both launches share (None: no rows)
     down: GemmConfig
 
 
-def gate_up_triton(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor, assignments: int | None = None,
+def gate_up_triton(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor,
+                   assignments: int | None = None,
                    configs: tuple[GemmConfig, GemmConfig] | None = None) -> TritonGateUp:
     """The first launch of `grouped_swiglu_triton`: the gate and up projections with the activation."""
     slots, inter2, _ = w_gate_up.shape

@@ -29,7 +29,7 @@ from moe_runtime.dispatch import (
     send,
     send_back,
 )
-from moe_runtime.experts import ExpertsHalfway, finish_experts, run_experts, start_experts, swiglu
+from moe_runtime.experts import ExpertsHalfway, finish_experts, start_experts, swiglu
 from moe_runtime.group import EPGroup
 from moe_runtime.placement import RuntimePlacement, choose_replicas
 from moe_runtime.reference import LogicalWeights
@@ -206,10 +206,7 @@ class EPMoELayer(nn.Module):
 
     def start_experts(self, sent: Sent) -> ExpertsHalfway:
         """Wait for the dispatch and run the local experts up to their down projection."""
-        recv = receive(sent.flight, self.cfg.hidden, self.cfg.top_k)
-        c = self._rows  # received per slot is counted inside the expert path
-        return start_experts(recv.x, recv.slots, recv.weights, self.w_gate_up, self.w_down, recv.slot_sizes,
-                             count=None if c is None else (c.received, c.record))
+        return self._start_experts(receive(sent.flight, self.cfg.hidden, self.cfg.top_k))
 
     def finish_experts(self, half: ExpertsHalfway) -> torch.Tensor:
         """The rest of the local experts: [R, H], one result a received row."""
@@ -225,9 +222,12 @@ class EPMoELayer(nn.Module):
         return combine_returned(*returning, sent.flight.outgoing.path, add=self._shared(x), dtype=x.dtype)
 
     def _experts(self, recv: Received) -> torch.Tensor:
+        return finish_experts(self._start_experts(recv))
+
+    def _start_experts(self, recv: Received) -> ExpertsHalfway:
         c = self._rows  # received per slot is counted inside the expert path
-        return run_experts(recv.x, recv.slots, recv.weights, self.w_gate_up, self.w_down, recv.slot_sizes,
-                           count=None if c is None else (c.received, c.record))
+        return start_experts(recv.x, recv.slots, recv.weights, self.w_gate_up, self.w_down, recv.slot_sizes,
+                             count=None if c is None else (c.received, c.record))
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.shared_gate_up is None:
