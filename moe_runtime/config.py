@@ -98,8 +98,8 @@ class DispatchConfig:
     one stream; the all-to-alls beside it: with a copy-engine transport, which leaves every SM to the
     experts; it pays for large batches over 4+ GPUs, see docs/runtime.md). Each range is routed on
     its own, so an expert's replicas share out each range's assignments evenly (not the whole
-    batch's). `EPMoEStack` reads it from its first layer; the phases overlap, so a timed step records the stack's whole time as
-    expert time, shared evenly by the layers.
+    batch's). `EPMoEStack` reads it from its first layer; the phases overlap, so a timed step
+    records the stack's whole time as expert time, shared evenly by the layers.
     """
 
     mode: str = "exact"
