@@ -68,12 +68,6 @@ def silu_mul(h: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def grouped_swiglu_grouped_mm(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor,
-                              w_down: torch.Tensor, assignments: int | None = None) -> torch.Tensor:
-    """ys with two torch._grouped_mm calls on the slot-major copy of x (`assignments` rows when given)."""
-    return grouped_down(grouped_gate_up(x, groups, w_gate_up, "grouped_mm", assignments), groups, w_down)
-
-
 def select_backend(x: torch.Tensor, slots: int, inter: int, assignments: int, host_sizes: bool) -> str:
     """The backend for `assignments` (a host bound) over `slots` local slots of intermediate size `inter`.
 
@@ -103,8 +97,7 @@ class GateUp(NamedTuple):
     """The first half of grouped SwiGLU (`grouped_gate_up`), which `grouped_down` finishes."""
 
     h: torch.Tensor                  # [>= offsets[-1], I] silu(gate) * up of each sorted assignment
-    backend: str
-    triton: TritonGateUp | None      # the Triton backend's launch state for the down projection
+    triton: TritonGateUp | None      # the Triton backend's launch state (None: torch._grouped_mm)
 
 
 def grouped_gate_up(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor, backend: str,
@@ -115,15 +108,15 @@ def grouped_gate_up(x: torch.Tensor, groups: SlotGroups, w_gate_up: torch.Tensor
         from kernels.expert_ffn_triton import gate_up_triton
 
         t = gate_up_triton(x, groups, w_gate_up, assignments)
-        return GateUp(t.h, backend, t)
+        return GateUp(t.h, t)
     if backend != "grouped_mm":
         raise ValueError(f"grouped_swiglu backend must be 'triton' or 'grouped_mm', got {backend!r}")
     xs = gather_rows(x, groups, assignments)
     if xs.shape[0] == 0:
-        return GateUp(xs.new_empty((0, w_gate_up.shape[1] // 2)), backend, None)
+        return GateUp(xs.new_empty((0, w_gate_up.shape[1] // 2)), None)
     ends = groups.offsets[1:]
     h = torch._grouped_mm(xs, w_gate_up.transpose(1, 2), offs=ends)
-    return GateUp(silu_mul(h, used=ends[-1:]), backend, None)
+    return GateUp(silu_mul(h, used=ends[-1:]), None)
 
 
 def grouped_down(a: GateUp, groups: SlotGroups, w_down: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,7 @@ def finish_experts(half: ExpertsHalfway) -> torch.Tensor:
         return half.done
     ys = grouped_down(half.gate_up, half.groups, half.w_down)
     return unpermute(ys, half.groups.pos, half.weights, half.dtype,
-                     force_triton=half.gate_up.backend == "triton", count=half.count)
+                     force_triton=half.gate_up.triton is not None, count=half.count)
 
 
 def run_experts(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w_gate_up: torch.Tensor,
